@@ -1,0 +1,211 @@
+"""All configuration, read from the environment in this one place.
+
+Every variable is documented in the README's "Environment variables" table; keep the two in step.
+Provider keys (``OPENAI_API_KEY``, ``ANTHROPIC_API_KEY``, ...) are not read here: litellm reads
+them itself, in the server process only, and sandboxes never see them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from rlm_mcp.errors import ConfigError
+
+SANDBOX_NAMES = ("local", "docker", "daytona")
+
+
+def default_home(environ: Mapping[str, str]) -> Path:
+    """The platform's per-user data directory for rlm-mcp."""
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "rlm-mcp"
+    if os.name == "nt":
+        base = environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+        return Path(base) / "rlm-mcp"
+    base = environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "rlm-mcp"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-run limits; ``None`` means unlimited. Shared by a run and all its child RLMs."""
+
+    max_iterations: int = 30
+    max_depth: int = 1
+    cell_timeout_s: float = 300.0
+    timeout_s: float | None = 1800.0
+    max_subcalls: int | None = None
+    max_tokens: int | None = None
+    max_cost_usd: float | None = None
+    max_output_chars: int = 20_000
+    max_concurrency: int = 32
+
+    def validated(self) -> "Limits":
+        """Return self, or raise ConfigError naming the first absurd or contradictory value."""
+        checks = [
+            ("max_iterations", self.max_iterations, 1, 1000),
+            ("max_depth", self.max_depth, 1, 5),
+            ("cell_timeout_s", self.cell_timeout_s, 0.1, 86_400),
+            ("timeout_s", self.timeout_s, 0.1, 7 * 86_400),
+            ("max_subcalls", self.max_subcalls, 0, 1_000_000),
+            ("max_tokens", self.max_tokens, 1, 10**10),
+            ("max_cost_usd", self.max_cost_usd, 0, 100_000),
+            ("max_output_chars", self.max_output_chars, 100, 1_000_000),
+            ("max_concurrency", self.max_concurrency, 1, 1024),
+        ]
+        for name, value, low, high in checks:
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ConfigError(f"{name} must be a number from {low} to {high:,}, got {value!r}")
+        if self.timeout_s is not None and self.cell_timeout_s > self.timeout_s:
+            raise ConfigError(
+                f"cell_timeout_s ({self.cell_timeout_s:g}) cannot exceed timeout_s "
+                f"({self.timeout_s:g}): lower cell_timeout_s or raise timeout_s")
+        return self
+
+    def with_overrides(self, **overrides: object) -> "Limits":
+        """A copy with the non-None overrides applied, validated."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None}).validated()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything rlm-mcp reads from the environment."""
+
+    model: str | None = None
+    sub_model: str | None = None
+    api_base: str | None = None
+    api_key: str | None = None
+    sandbox: str = "local"
+    home: Path = field(default_factory=lambda: default_home(os.environ))
+    limits: Limits = field(default_factory=Limits)
+    model_timeout_s: float = 300.0
+    model_retries: int = 3
+    max_runs: int = 4
+    auth_token: str | None = None
+    allowed_roots: tuple[Path, ...] = ()
+    allow_private_urls: bool = False
+    max_context_bytes: int = 2 * 1024**3
+    max_inline_chars: int = 1_000_000
+    max_files: int = 20_000
+    url_timeout_s: float = 120.0
+    sandbox_memory_mb: int = 4096
+    sandbox_cpus: float = 1.0
+    sandbox_pids: int = 256
+    docker_image: str = "rlm-mcp-sandbox:latest"
+    docker_pool_size: int = 0
+    daytona_api_key: str | None = None
+    daytona_api_url: str | None = None
+    daytona_target: str | None = None
+    daytona_snapshot: str | None = None
+    daytona_network_block_all: bool = True
+    daytona_auto_stop_minutes: int = 15
+    log_level: str = "INFO"
+
+    @property
+    def effective_sub_model(self) -> str | None:
+        return self.sub_model or self.model
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Read settings; raise ConfigError naming the variable for any malformed value."""
+        env = os.environ if environ is None else environ
+        reader = _Reader(env)
+        limits = Limits(
+            max_iterations=reader.integer("RLM_MCP_MAX_ITERATIONS", 30),
+            max_depth=reader.integer("RLM_MCP_MAX_DEPTH", 1),
+            cell_timeout_s=reader.number("RLM_MCP_CELL_TIMEOUT_S", 300.0),
+            timeout_s=reader.number("RLM_MCP_TIMEOUT_S", 1800.0),
+            max_subcalls=reader.integer("RLM_MCP_MAX_SUBCALLS", None),
+            max_tokens=reader.integer("RLM_MCP_MAX_TOKENS", None),
+            max_cost_usd=reader.number("RLM_MCP_MAX_COST_USD", None),
+            max_output_chars=reader.integer("RLM_MCP_MAX_OUTPUT_CHARS", 20_000),
+            max_concurrency=reader.integer("RLM_MCP_MAX_CONCURRENCY", 32),
+        )
+        try:
+            limits.validated()
+        except ConfigError as exc:
+            raise ConfigError(f"invalid limit in the environment: {exc}") from None
+        sandbox = env.get("RLM_MCP_SANDBOX", "local").strip().lower() or "local"
+        if sandbox not in SANDBOX_NAMES:
+            raise ConfigError(f"RLM_MCP_SANDBOX must be one of {', '.join(SANDBOX_NAMES)}, got {sandbox!r}")
+        home = env.get("RLM_MCP_HOME")
+        roots = tuple(Path(p).expanduser().resolve() for p in env.get("RLM_MCP_ALLOWED_ROOTS", "").split(os.pathsep) if p.strip())
+        return cls(
+            model=env.get("RLM_MCP_MODEL") or None,
+            sub_model=env.get("RLM_MCP_SUB_MODEL") or None,
+            api_base=env.get("RLM_MCP_API_BASE") or None,
+            api_key=env.get("RLM_MCP_API_KEY") or None,
+            sandbox=sandbox,
+            home=Path(home).expanduser() if home else default_home(env),
+            limits=limits,
+            model_timeout_s=reader.number("RLM_MCP_MODEL_TIMEOUT_S", 300.0),
+            model_retries=reader.integer("RLM_MCP_MODEL_RETRIES", 3),
+            max_runs=reader.integer("RLM_MCP_MAX_RUNS", 4, low=1),
+            auth_token=env.get("RLM_MCP_AUTH_TOKEN") or None,
+            allowed_roots=roots,
+            allow_private_urls=reader.flag("RLM_MCP_ALLOW_PRIVATE_URLS", False),
+            max_context_bytes=reader.integer("RLM_MCP_MAX_CONTEXT_BYTES", 2 * 1024**3, low=1),
+            max_inline_chars=reader.integer("RLM_MCP_MAX_INLINE_CHARS", 1_000_000, low=1),
+            max_files=reader.integer("RLM_MCP_MAX_FILES", 20_000, low=1),
+            url_timeout_s=reader.number("RLM_MCP_URL_TIMEOUT_S", 120.0),
+            sandbox_memory_mb=reader.integer("RLM_MCP_SANDBOX_MEMORY_MB", 4096, low=64),
+            sandbox_cpus=reader.number("RLM_MCP_SANDBOX_CPUS", 1.0),
+            sandbox_pids=reader.integer("RLM_MCP_SANDBOX_PIDS", 256, low=8),
+            docker_image=env.get("RLM_MCP_DOCKER_IMAGE") or "rlm-mcp-sandbox:latest",
+            docker_pool_size=reader.integer("RLM_MCP_DOCKER_POOL", 0),
+            daytona_api_key=env.get("DAYTONA_API_KEY") or None,
+            daytona_api_url=env.get("DAYTONA_API_URL") or None,
+            daytona_target=env.get("DAYTONA_TARGET") or None,
+            daytona_snapshot=env.get("RLM_MCP_DAYTONA_SNAPSHOT") or None,
+            daytona_network_block_all=reader.flag("RLM_MCP_DAYTONA_NETWORK_BLOCK_ALL", True),
+            daytona_auto_stop_minutes=reader.integer("RLM_MCP_DAYTONA_AUTO_STOP_MINUTES", 15),
+            log_level=(env.get("RLM_MCP_LOG_LEVEL") or "INFO").upper(),
+        )
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def _raw(self, name: str) -> str | None:
+        value = self.env.get(name)
+        return value.strip() if value and value.strip() else None
+
+    def integer(self, name: str, default: int | None, low: int = 0) -> int | None:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+        if value < low:
+            raise ConfigError(f"{name} must be at least {low}, got {value}")
+        return value
+
+    def number(self, name: str, default: float | None) -> float | None:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+        if value < 0:
+            raise ConfigError(f"{name} must not be negative, got {value}")
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be true or false, got {raw!r}")

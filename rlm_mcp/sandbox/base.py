@@ -1,0 +1,105 @@
+"""The sandbox interface every backend implements, and the data it exchanges with the engine.
+
+A sandbox is a persistent Python REPL holding the run's context. The engine only ever sees
+:class:`Sandbox`; which backend stands behind it is chosen by :func:`rlm_mcp.sandbox.open_sandbox`.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+ContextKind = Literal["text", "documents"]
+
+
+@dataclass(frozen=True)
+class ContextFile:
+    """A context as the store keeps it on disk: UTF-8 text, or JSON lines of documents."""
+
+    path: Path | None
+    kind: ContextKind = "text"
+
+
+class SubcallHandler(Protocol):
+    """Serves the REPL's ``llm_query`` / ``rlm_query`` on the host (keys never enter the sandbox)."""
+
+    async def __call__(self, op: str, prompt: str, model: str | None) -> str:
+        """Return the reply text; raise :class:`rlm_mcp.errors.RlmError` to fail this call."""
+        ...
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """What a backend needs to start a REPL."""
+
+    context: ContextFile
+    handler: SubcallHandler
+    max_output_chars: int = 20_000
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class CellResult:
+    """What one executed code block produced."""
+
+    stdout: str = ""
+    stderr: str = ""
+    error: str | None = None
+    final: str | None = None
+    draft: str | None = None
+    stdout_dropped: int = 0
+    stderr_dropped: int = 0
+    notices: list[str] = field(default_factory=list)
+    locals: dict[str, str] = field(default_factory=dict)
+    elapsed: float = 0.0
+    state_lost: bool = False
+    timed_out: bool = False
+
+    def render(self) -> str:
+        """The text the root model sees for this cell."""
+        parts: list[str] = []
+        if self.stdout:
+            parts.append(self.stdout.rstrip("\n"))
+        if self.stdout_dropped:
+            parts.append(f"[... output truncated: {self.stdout_dropped:,} more characters not shown]")
+        if self.stderr:
+            parts.append("[stderr]\n" + self.stderr.rstrip("\n"))
+        if self.stderr_dropped:
+            parts.append(f"[... stderr truncated: {self.stderr_dropped:,} more characters not shown]")
+        if self.error:
+            parts.append(self.error)
+        parts.extend(self.notices)
+        return "\n".join(parts) if parts else "(no output)"
+
+
+class Sandbox(abc.ABC):
+    """A persistent REPL. Use as ``async with``; ``execute`` may be called many times."""
+
+    def __init__(self, spec: SandboxSpec) -> None:
+        self.spec = spec
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Bring the REPL up with the context loaded."""
+
+    @abc.abstractmethod
+    async def execute(self, code: str, *, timeout: float) -> CellResult:
+        """Run one code block. A timeout, crash or lost worker is reported in the result,
+        never raised: the sandbox is usable again afterwards (possibly with fresh state)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop the REPL and release everything it holds. Safe to call twice."""
+
+    async def __aenter__(self) -> "Sandbox":
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

@@ -1,0 +1,167 @@
+"""The embedded default backend: the worker as a child process of the server.
+
+Isolation here is process-level: a scrubbed environment (no API keys, no provider variables),
+a fresh temporary working directory, memory/CPU/file-size rlimits and its own process group,
+which is killed as a whole on timeout, cancel or close. Use the Docker backend for untrusted
+inputs: a local worker can still read the user's files and reach the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import tempfile
+
+from rlm_mcp.config import Settings
+from rlm_mcp.errors import SandboxError
+from rlm_mcp.sandbox.base import Sandbox, SandboxSpec
+from rlm_mcp.sandbox.channel import WORKER_SCRIPT, WorkerGone, WorkerSandbox, WorkerTransport
+
+LINE_LIMIT = 1 << 30  # one protocol line may carry a large prompt; memory is bounded by the worker
+STDERR_TAIL_LINES = 20
+
+
+def scrubbed_environment(workdir: str) -> dict[str, str]:
+    """An allow-list environment: nothing from the server's environment leaks in."""
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": workdir,
+        "TMPDIR": workdir,
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "PYTHONIOENCODING": "utf-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+
+
+class LocalTransport(WorkerTransport):
+    def __init__(self, process: asyncio.subprocess.Process, workdir: str) -> None:
+        self.process = process
+        self.workdir = workdir
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._stderr_task = asyncio.create_task(self._collect_stderr())
+        self._write_lock = asyncio.Lock()
+
+    async def _collect_stderr(self) -> None:
+        assert self.process.stderr is not None
+        while line := await self.process.stderr.readline():
+            self.stderr_tail.append(line.decode("utf-8", "replace").rstrip())
+
+    async def send(self, data: bytes) -> None:
+        stdin = self.process.stdin
+        if stdin is None or stdin.is_closing():
+            raise WorkerGone("worker stdin is closed")
+        async with self._write_lock:
+            try:
+                stdin.write(data)
+                await stdin.drain()
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise WorkerGone(str(exc)) from exc
+
+    async def receive_line(self) -> bytes:
+        assert self.process.stdout is not None
+        try:
+            return await self.process.stdout.readline()
+        except ValueError:  # a line beyond LINE_LIMIT: the protocol cannot continue
+            return b""
+
+    async def settle(self, timeout: float = 1.0) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.process.wait()), timeout)
+
+    def _kill_group(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+    async def kill(self) -> None:
+        self._kill_group()
+        await self._reap()
+
+    async def close(self) -> None:
+        if self.process.stdin is not None and not self.process.stdin.is_closing():
+            self.process.stdin.close()
+        try:
+            await asyncio.wait_for(self.process.wait(), timeout=1.0)
+        except asyncio.TimeoutError:
+            pass
+        self._kill_group()  # also takes down anything user code started in the group
+        await self._reap()
+
+    async def _reap(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            await self.process.wait()
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(self._stderr_task, timeout=1.0)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def describe_exit(self) -> str:
+        code = self.process.returncode
+        if code is None:
+            reason = "the worker stopped answering"
+        elif code < 0:
+            try:
+                reason = f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                reason = f"killed by signal {-code}"
+        else:
+            reason = f"exit code {code}"
+        tail = [line for line in self.stderr_tail if line.strip()][-3:]
+        return reason + (": " + " | ".join(tail) if tail else "")
+
+
+class LocalSandbox(WorkerSandbox):
+    """``worker.py`` in a child process with rlimits and its own process group."""
+
+    def __init__(self, spec: SandboxSpec, settings: Settings) -> None:
+        super().__init__(spec)
+        self.settings = settings
+
+    def _limit_resources(self) -> None:  # runs in the child between fork and exec
+        import resource
+
+        memory = self.settings.sandbox_memory_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        cpu = int(max(1, self.settings.limits.timeout_s or 86_400))
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
+        scratch = 4 * 1024**3
+        resource.setrlimit(resource.RLIMIT_FSIZE, (scratch, scratch))
+
+    async def _launch(self) -> WorkerTransport:
+        workdir = tempfile.mkdtemp(prefix="rlm-sandbox-")
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-I", "-u", str(WORKER_SCRIPT),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                cwd=workdir,
+                env=scrubbed_environment(workdir),
+                start_new_session=True,
+                preexec_fn=self._limit_resources,
+                limit=LINE_LIMIT,
+            )
+        except OSError as exc:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise SandboxError(f"cannot start the local REPL worker: {exc}") from exc
+        return LocalTransport(process, workdir)
+
+
+class LocalProvider:
+    """Creates local sandboxes; holds no shared resources."""
+
+    name = "local"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def create(self, spec: SandboxSpec) -> Sandbox:
+        return LocalSandbox(spec, self.settings)
+
+    async def aclose(self) -> None:
+        return None
