@@ -1,0 +1,94 @@
+"""Usage over a whole run tree (root, sub-calls, child RLMs), and the limits it is held to."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Literal
+
+from pydantic import BaseModel
+
+from rlm_mcp.config import Limits
+from rlm_mcp.errors import LimitExceeded
+from rlm_mcp.models import Completion
+
+
+class ModelUsage(BaseModel):
+    """Calls and tokens for one model; ``cost_usd`` is null when litellm has no price for it."""
+
+    calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float | None = None
+
+    def add(self, completion: Completion) -> None:
+        self.calls += 1
+        self.input_tokens += completion.input_tokens
+        self.output_tokens += completion.output_tokens
+        if completion.cost_usd is not None:
+            self.cost_usd = (self.cost_usd or 0.0) + completion.cost_usd
+
+
+class Budget:
+    """Counters and limits shared by a run and every child RLM it starts.
+
+    One semaphore bounds the sub-calls in flight across the whole tree, so recursion cannot
+    multiply the fan-out. Root calls of the RLMs do not take a slot (a parent waiting on its
+    children must never starve them).
+    """
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.started = time.monotonic()
+        self.deadline = None if limits.timeout_s is None else self.started + limits.timeout_s
+        self.usage: dict[str, ModelUsage] = {}
+        self.subcalls_started = 0
+        self.subcalls_done = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.slots = asyncio.Semaphore(limits.max_concurrency)
+        self.tripped: LimitExceeded | None = None
+
+    @property
+    def input_tokens(self) -> int:
+        return sum(u.input_tokens for u in self.usage.values())
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(u.output_tokens for u in self.usage.values())
+
+    @property
+    def cost_usd(self) -> float | None:
+        known = [u.cost_usd for u in self.usage.values() if u.cost_usd is not None]
+        return sum(known) if known else None
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+    def remaining_s(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def check(self, kind: Literal["root", "sub"]) -> None:
+        """Raise LimitExceeded (and remember it) if another call of this kind is not allowed."""
+        exceeded = self._exceeded(kind)
+        if exceeded is not None:
+            if self.tripped is None:
+                self.tripped = exceeded
+            raise exceeded
+
+    def _exceeded(self, kind: str) -> LimitExceeded | None:
+        limits = self.limits
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return LimitExceeded("timeout_s", f"the run reached its time limit of {limits.timeout_s:g} s")
+        if limits.max_tokens is not None and self.input_tokens + self.output_tokens >= limits.max_tokens:
+            return LimitExceeded("max_tokens", f"the run used its token budget of {limits.max_tokens:,} tokens")
+        cost = self.cost_usd
+        if limits.max_cost_usd is not None and cost is not None and cost >= limits.max_cost_usd:
+            return LimitExceeded("max_cost_usd", f"the run spent its budget of ${limits.max_cost_usd:g}")
+        if kind == "sub" and limits.max_subcalls is not None and self.subcalls_started >= limits.max_subcalls:
+            return LimitExceeded("max_subcalls", f"the run made its maximum of {limits.max_subcalls:,} sub-calls")
+        return None
+
+    def record(self, completion: Completion) -> None:
+        self.usage.setdefault(completion.model, ModelUsage()).add(completion)
