@@ -80,3 +80,75 @@ def read_trajectory(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 def unique_run_id() -> str:
     return time.strftime("run-%Y%m%d-%H%M%S-") + os.urandom(3).hex()
+
+
+PAGE_BUDGET_CHARS = 60_000  # ~15k tokens: well under hosts' ~25k-token tool-output limit
+MAX_PAGE_ITERATIONS = 20
+
+
+def _prose(text: str) -> str:
+    from rlm_mcp.replies import prose
+
+    return prose(text)
+
+
+def summarize_iteration(record: dict[str, Any], detail: str) -> dict[str, Any]:
+    """A bounded view of one iteration line: reasoning excerpt, code, output, sub-calls, usage."""
+    full = detail == "full"
+    code_chars, output_chars = (6_000, 6_000) if full else (1_200, 800)
+    blocks = []
+    for block in record.get("code_blocks") or []:
+        result = block.get("result") or {}
+        calls = result.get("rlm_calls") or []
+        view: dict[str, Any] = {
+            "code": excerpt(block.get("code") or "", code_chars),
+            "output": excerpt(((result.get("stdout") or "") + (
+                "\n[stderr] " + result["stderr"] if result.get("stderr") else "")).strip(), output_chars),
+            "subcalls": len(calls),
+            "execution_time": result.get("execution_time"),
+        }
+        if result.get("final_answer") is not None:
+            view["final_answer"] = excerpt(str(result["final_answer"]), output_chars)
+        if full and calls:
+            view["first_subcalls"] = [{"model": c.get("root_model"), "prompt": excerpt(c.get("prompt") or "", 300),
+                                       "response": excerpt(c.get("response") or "", 300)} for c in calls[:3]]
+        blocks.append(view)
+    return {
+        "iteration": record.get("iteration"),
+        "reasoning": excerpt(_prose(record.get("response") or ""), 2_000 if full else 600),
+        "code_blocks": blocks,
+        "subcalls": sum(b["subcalls"] for b in blocks),
+        "final_answer": record.get("final_answer"),
+        "usage": record.get("usage"),
+        "iteration_time": record.get("iteration_time"),
+    }
+
+
+def trajectory_page(path: Path, offset: int = 0, limit: int = 5, detail: str = "summary") -> dict[str, Any]:
+    """A page of a run's trajectory whose JSON stays under PAGE_BUDGET_CHARS."""
+    metadata, iterations = read_trajectory(path)
+    limit = max(1, min(limit, MAX_PAGE_ITERATIONS))
+    offset = max(0, offset)
+    shown: list[dict[str, Any]] = []
+    used = 0
+    for record in iterations[offset:offset + limit]:
+        view = summarize_iteration(record, detail)
+        size = len(json.dumps(view, ensure_ascii=False, default=str))
+        if shown and used + size > PAGE_BUDGET_CHARS:
+            break
+        shown.append(view)
+        used += size
+    next_offset = offset + len(shown)
+    children = sorted(p.name for p in path.parent.glob(path.name.removesuffix(".jsonl") + ".*.jsonl"))
+    return {
+        "run_id": metadata.get("run_id", path.stem),
+        "status": metadata.get("status"),
+        "answer": excerpt(str(metadata["answer"]), 4_000) if metadata.get("answer") is not None else None,
+        "root_model": metadata.get("root_model"),
+        "total_iterations": len(iterations),
+        "offset": offset,
+        "next_offset": next_offset if next_offset < len(iterations) else None,
+        "iterations": shown,
+        "child_trajectories": children[:50],
+        "path": str(path),
+    }

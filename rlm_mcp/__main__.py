@@ -1,0 +1,3 @@
+from rlm_mcp.cli import main
+
+main()

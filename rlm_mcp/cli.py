@@ -1,0 +1,155 @@
+"""Command line: ``rlm-mcp`` (stdio server), ``rlm-mcp serve``, ``rlm-mcp run``, ``rlm-mcp sandbox build``.
+
+Kept light: nothing here imports litellm, mcp or docker until a command needs them, so
+``rlm-mcp --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from dataclasses import replace
+from typing import Any
+
+from rlm_mcp import __version__
+from rlm_mcp.config import SANDBOX_NAMES, Settings
+from rlm_mcp.errors import RlmError
+
+log = logging.getLogger("rlm_mcp")
+
+
+def _limit_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("limits (defaults from RLM_MCP_* variables)")
+    group.add_argument("--max-iterations", type=int, help="root-model turns (default 30)")
+    group.add_argument("--max-depth", type=int, help="1 = no child RLMs; 2 = rlm_query starts children (default 1)")
+    group.add_argument("--cell-timeout", type=float, dest="cell_timeout_s", help="seconds per code block (default 300)")
+    group.add_argument("--timeout", type=float, dest="timeout_s", help="seconds for the whole run (default 1800)")
+    group.add_argument("--max-subcalls", type=int, help="llm_query calls over the whole run tree")
+    group.add_argument("--max-tokens", type=int, help="input+output tokens over the whole run tree")
+    group.add_argument("--max-cost", type=float, dest="max_cost_usd", help="USD over the whole run tree")
+    group.add_argument("--max-output-chars", type=int, help="REPL output shown to the model per block (default 20000)")
+    group.add_argument("--concurrency", type=int, dest="max_concurrency", help="sub-calls in flight (default 32)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlm-mcp",
+        description="Recursive Language Models over huge inputs, as an MCP server and a CLI. "
+                    "With no command, serves MCP over stdio (what Claude Desktop launches).")
+    parser.add_argument("--version", action="version", version=f"rlm-mcp {__version__}")
+    commands = parser.add_subparsers(dest="command")
+
+    serve = commands.add_parser("serve", help="serve MCP (stdio by default)")
+    serve.add_argument("--transport", choices=("stdio", "sse", "http"), default="stdio")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="bind address for sse/http; non-loopback needs RLM_MCP_AUTH_TOKEN")
+    serve.add_argument("--port", type=int, default=8765)
+
+    run = commands.add_parser("run", help="answer one question over a file, directory or stdin")
+    run.add_argument("question")
+    run.add_argument("--context", required=True, help="a file, a directory of documents, or - for stdin")
+    run.add_argument("--model", help="litellm model string for the root model (RLM_MCP_MODEL)")
+    run.add_argument("--sub-model", help="model for llm_query sub-calls (RLM_MCP_SUB_MODEL)")
+    run.add_argument("--sandbox", choices=SANDBOX_NAMES, help="where the REPL runs (RLM_MCP_SANDBOX)")
+    run.add_argument("--include", action="append", help="glob of files to include from a directory")
+    run.add_argument("--exclude", action="append", help="glob of files to skip in a directory")
+    run.add_argument("--json", action="store_true", help="print the whole result as JSON on stdout")
+    _limit_options(run)
+
+    sandbox = commands.add_parser("sandbox", help="manage sandbox images")
+    sandbox_commands = sandbox.add_subparsers(dest="sandbox_command", required=True)
+    build = sandbox_commands.add_parser("build", help="build the Docker sandbox image (offline when the registry is unreachable)")
+    build.add_argument("--offline", action="store_true", default=None,
+                       help="build the base image from Debian packages with debootstrap")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        logging.basicConfig(level=settings.log_level, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if args.command in (None, "serve"):
+            from rlm_mcp.server import serve
+
+            transport = getattr(args, "transport", "stdio")
+            serve(settings, transport, getattr(args, "host", "127.0.0.1"), getattr(args, "port", 8765))
+        elif args.command == "run":
+            sys.exit(asyncio.run(_run(settings, args)))
+        elif args.command == "sandbox":
+            from rlm_mcp.sandbox.docker import build_sandbox_image
+
+            print(build_sandbox_image(settings, offline=args.offline))
+    except RlmError as exc:
+        print(f"rlm-mcp: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("rlm-mcp: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+class _Progress:
+    """One live line on stderr (a line per update when stderr is not a terminal)."""
+
+    def __init__(self) -> None:
+        self.live = sys.stderr.isatty()
+        self.last = ""
+
+    def __call__(self, event: Any) -> None:
+        message = event.message
+        if message == self.last:
+            return
+        self.last = message
+        if self.live:
+            sys.stderr.write("\r\033[K" + message)
+        else:
+            sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.live and self.last:
+            sys.stderr.write("\n")
+
+
+async def _run(settings: Settings, args: argparse.Namespace) -> int:
+    from rlm_mcp.engine import RlmEngine, RunRequest
+    from rlm_mcp.runs import shape_of
+    from rlm_mcp.store import ContextStore
+
+    limits = settings.limits.with_overrides(**{name: getattr(args, name) for name in (
+        "max_iterations", "max_depth", "cell_timeout_s", "timeout_s", "max_subcalls", "max_tokens",
+        "max_cost_usd", "max_output_chars", "max_concurrency")})
+    settings = replace(settings, limits=limits)
+    store = ContextStore(settings)
+    if args.context == "-":
+        info = store.load_stream(sys.stdin.buffer, name="stdin", source="stdin")
+    else:
+        info = store.load_path(args.context, include=args.include, exclude=args.exclude)
+    engine = RlmEngine(settings)
+    request = RunRequest(query=args.question, context=store.context_file(info.handle), shape=shape_of(info),
+                         model=args.model, sub_model=args.sub_model, sandbox=args.sandbox, limits=limits)
+    engine.prepare(request)
+    progress = _Progress()
+    try:
+        result = await engine.run(request, on_event=progress)
+    finally:
+        progress.close()
+        await engine.sandboxes.aclose()
+    if args.json:
+        print(result.model_dump_json(indent=2))
+    elif result.answer is not None:
+        print(result.answer)
+    cost = f", ${result.cost_usd:.4f}" if result.cost_usd is not None else ""
+    print(f"rlm-mcp: {result.status}"
+          + (f" ({result.limit})" if result.limit else "")
+          + f" after {result.iterations} iterations, {result.subcalls} sub-calls, "
+            f"{result.input_tokens + result.output_tokens:,} tokens{cost}, {result.elapsed_s:.1f} s",
+          file=sys.stderr)
+    if result.error:
+        print(f"rlm-mcp: {result.error}", file=sys.stderr)
+    print(f"rlm-mcp: trajectory: {result.trajectory_path}", file=sys.stderr)
+    return 0 if result.status == "completed" else 1

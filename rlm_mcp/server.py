@@ -1,0 +1,478 @@
+"""MCP wiring: the only module that imports ``mcp``. Tools stay thin and delegate to the
+context store, the run manager and the trajectory view."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from mcp.server import MCPServer
+from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.transport_security import TransportSecuritySettings
+from mcp_types import CallToolResult, TextContent, ToolAnnotations
+from pydantic import BaseModel, Field
+
+from rlm_mcp import __version__
+from rlm_mcp.config import Settings
+from rlm_mcp.engine import RlmEngine, RunEvent, RunRequest, RunResult
+from rlm_mcp.errors import ConfigError, RlmError
+from rlm_mcp.runs import Run, RunManager, shape_of
+from rlm_mcp.store import ContextInfo, ContextPage, ContextStore
+from rlm_mcp.trajectory import trajectory_page
+
+log = logging.getLogger(__name__)
+
+INLINE_CONTEXT_CHARS = 200_000  # larger inline text belongs in rlm_load_context
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+ANSWER_META = {"anthropic/maxResultSizeChars": 500_000}
+
+INSTRUCTIONS = """\
+rlm-mcp answers questions over inputs far larger than your context window. Load the input \
+server-side with rlm_load_context (a path, URL or text: the content never passes through you), \
+then call rlm_complete with the handle and your question. A run can take minutes: if \
+rlm_complete returns status "running", call rlm_get_result with its run_id. \
+rlm_get_trajectory shows how an answer was reached."""
+
+
+class ContextList(BaseModel):
+    contexts: list[ContextInfo]
+
+
+class CompleteResult(BaseModel):
+    """A run's state: finished (completed / limit_reached / failed / cancelled) or running."""
+
+    status: Literal["completed", "running", "queued", "failed", "cancelled", "limit_reached"]
+    run_id: str
+    answer: str | None = None
+    limit: str | None = Field(None, description="which limit ended the run, for status limit_reached")
+    error: str | None = None
+    progress: str | None = Field(None, description="latest progress, while running")
+    iterations: int = 0
+    subcalls: int = 0
+    usage: dict[str, Any] = {}
+    cost_usd: float | None = None
+    elapsed_s: float = 0.0
+    trajectory_path: str | None = None
+    next_step: str | None = None
+
+
+class TrajectoryPage(BaseModel):
+    run_id: str
+    status: str | None
+    answer: str | None
+    root_model: str | None
+    total_iterations: int
+    offset: int
+    next_offset: int | None
+    iterations: list[dict[str, Any]]
+    child_trajectories: list[str]
+    path: str
+
+
+@dataclass
+class Services:
+    """What the tools delegate to; one per server process."""
+
+    settings: Settings
+    store: ContextStore
+    engine: RlmEngine
+    runs: RunManager
+
+    @classmethod
+    def create(cls, settings: Settings) -> "Services":
+        engine = RlmEngine(settings)
+        return cls(settings, ContextStore(settings), engine, RunManager(engine, settings.max_runs))
+
+    async def aclose(self) -> None:
+        await self.runs.aclose()
+        await self.engine.sandboxes.aclose()
+
+
+def _reply(model: BaseModel, summary: str, meta: dict[str, Any] | None = None) -> CallToolResult:
+    return CallToolResult(content=[TextContent(type="text", text=summary)],
+                          structured_content=model.model_dump(mode="json"), meta=meta)
+
+
+def _context_summary(info: ContextInfo) -> str:
+    shape = (f"{info.documents:,} documents, " if info.kind == "documents" else "") + f"{info.characters:,} characters"
+    notes = ("\n" + "\n".join(info.notes)) if info.notes else ""
+    return (f"Loaded context {info.handle} ({info.name}): {shape}, {info.bytes:,} bytes.{notes}\n"
+            f"Preview: {info.preview[:200]!r}\nNext: rlm_complete(query=..., handle={info.handle!r})")
+
+
+def _complete_result(run: Run) -> CompleteResult:
+    result = run.result
+    if result is None:
+        status = "queued" if run.queued else "running"
+        return CompleteResult(status=status, run_id=run.run_id, progress=run.progress_message(),
+                              iterations=run.last_event.iteration if run.last_event else 0,
+                              subcalls=run.last_event.subcalls_done if run.last_event else 0,
+                              cost_usd=run.last_event.cost_usd if run.last_event else None,
+                              next_step=f"call rlm_get_result(run_id={run.run_id!r}) to wait for the answer, "
+                                        f"or rlm_cancel(run_id={run.run_id!r}) to stop it")
+    return _finished(result)
+
+
+def _finished(result: RunResult) -> CompleteResult:
+    next_step = None
+    if result.status == "limit_reached":
+        next_step = f"the {result.limit} limit ended the run; raise it and call rlm_complete again for a fuller answer"
+    elif result.status == "failed":
+        next_step = "see error; rlm_get_trajectory shows what happened before it"
+    return CompleteResult(status=result.status, run_id=result.run_id, answer=result.answer, limit=result.limit,
+                          error=result.error, iterations=result.iterations, subcalls=result.subcalls,
+                          usage={k: v.model_dump() for k, v in result.usage.items()}, cost_usd=result.cost_usd,
+                          elapsed_s=result.elapsed_s, trajectory_path=result.trajectory_path, next_step=next_step)
+
+
+def _complete_summary(result: CompleteResult) -> str:
+    cost = f", ${result.cost_usd:.4f}" if result.cost_usd is not None else ""
+    stats = f"{result.iterations} iterations, {result.subcalls} sub-calls{cost}, {result.elapsed_s:.1f} s"
+    if result.status in ("running", "queued"):
+        return f"Run {result.run_id} is {result.status} ({result.progress}). {result.next_step}."
+    lines = [f"Run {result.run_id}: {result.status}"
+             + (f" ({result.limit})" if result.limit else "") + f" after {stats}."]
+    if result.error:
+        lines.append(f"Error: {result.error}")
+    if result.answer is not None:
+        lines.append(f"Answer:\n{result.answer}")
+    if result.next_step:
+        lines.append(f"Next: {result.next_step}")
+    return "\n".join(lines)
+
+
+def build_server(services: Services) -> MCPServer:
+    """The MCP server with every tool, resource and prompt registered.
+
+    ``services`` outlive MCP sessions (a run started over one HTTP session can be polled from
+    another); whoever created them closes them when the process stops serving.
+    """
+
+    def svc() -> Services:
+        return services
+
+    server = MCPServer("rlm-mcp", version=__version__, instructions=INSTRUCTIONS)
+
+    def guarded(fn: Any) -> Any:
+        """Turn RlmError into a tool error whose message the host model reads."""
+        import functools
+
+        @functools.wraps(fn)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await fn(*args, **kwargs)
+            except RlmError as exc:
+                raise ToolError(str(exc)) from exc
+        return wrapper
+
+    read_only = ToolAnnotations(read_only_hint=True, open_world_hint=False)
+
+    @server.tool(title="Load a large input as a context handle",
+                 annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False,
+                                             idempotent_hint=True, open_world_hint=True))
+    @guarded
+    async def rlm_load_context(
+        path: Annotated[str | None, Field(description="a file or directory on the server's machine")] = None,
+        url: Annotated[str | None, Field(description="an http(s) URL to download server-side")] = None,
+        text: Annotated[str | None, Field(description="the content itself (small inputs only)")] = None,
+        name: Annotated[str | None, Field(description="a label for the context")] = None,
+        include: Annotated[list[str] | None, Field(description="globs of files to keep from a directory, e.g. ['*.py']")] = None,
+        exclude: Annotated[list[str] | None, Field(description="globs of files to skip from a directory")] = None,
+        max_bytes: Annotated[int | None, Field(description="refuse inputs larger than this many bytes", gt=0)] = None,
+    ) -> Annotated[CallToolResult, ContextInfo]:
+        """Load a file, a directory (as a list of documents), a URL or text on the server and
+        return a handle for rlm_complete. The content stays on the server; you get its size,
+        a short preview and what was skipped."""
+        given = [n for n, v in (("path", path), ("url", url), ("text", text)) if v is not None]
+        if len(given) != 1:
+            raise ConfigError("give exactly one of path, url or text" + (f" (got {', '.join(given)})" if given else ""))
+        store = svc().store
+        if path is not None:
+            info = await asyncio.to_thread(store.load_path, path, name=name, include=include,
+                                           exclude=exclude, max_bytes=max_bytes)
+        elif url is not None:
+            info = await store.load_url(url, name=name, max_bytes=max_bytes)
+        else:
+            info = await asyncio.to_thread(store.load_text, text or "", name=name)
+        return _reply(info, _context_summary(info))
+
+    @server.tool(title="List loaded contexts", annotations=read_only)
+    @guarded
+    async def rlm_list_contexts() -> Annotated[CallToolResult, ContextList]:
+        """List the contexts stored on the server, newest first."""
+        contexts = svc().store.list()
+        lines = [f"{c.handle}  {c.kind:9} {c.characters:>14,} chars  {c.name}" for c in contexts]
+        summary = f"{len(contexts)} contexts" + (":\n" + "\n".join(lines) if lines else ". Load one with rlm_load_context.")
+        return _reply(ContextList(contexts=contexts), summary)
+
+    @server.tool(title="Delete a context",
+                 annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=False, open_world_hint=False))
+    @guarded
+    async def rlm_delete_context(
+        handle: Annotated[str, Field(description="the handle from rlm_load_context")],
+    ) -> Annotated[CallToolResult, ContextInfo]:
+        """Delete a stored context and free its disk space."""
+        info = svc().store.delete(handle)
+        return _reply(info, f"Deleted context {info.handle} ({info.name}).")
+
+    @server.tool(title="Read a slice of a context", annotations=read_only)
+    @guarded
+    async def rlm_peek_context(
+        handle: Annotated[str, Field(description="the handle from rlm_load_context")],
+        start: Annotated[int, Field(description="character offset to start at", ge=0)] = 0,
+        length: Annotated[int, Field(description="characters to return (at most 20000)", gt=0)] = 2000,
+        document: Annotated[int | None, Field(description="for document lists: read this document only", ge=0)] = None,
+    ) -> Annotated[CallToolResult, ContextPage]:
+        """Read a bounded slice of a context (for a quick look; use rlm_complete for questions)."""
+        page = await asyncio.to_thread(svc().store.peek, handle, start, length, document)
+        more = f"\n[continue with start={page.next_start}]" if page.next_start is not None else "\n[end of context]"
+        return _reply(page, f"{handle} [{page.start:,}:{page.end:,} of {page.total:,}]\n{page.text}{more}")
+
+    @server.tool(title="Answer a question over a context with an RLM",
+                 annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False,
+                                             idempotent_hint=False, open_world_hint=True),
+                 meta=ANSWER_META)
+    @guarded
+    async def rlm_complete(
+        ctx: Context,
+        query: Annotated[str, Field(description="the question or task")],
+        handle: Annotated[str | None, Field(description="a context handle from rlm_load_context")] = None,
+        handles: Annotated[list[str] | None, Field(description="several handles, treated as one list of documents")] = None,
+        context: Annotated[str | None, Field(description=f"small inline context text (at most {INLINE_CONTEXT_CHARS:,} characters)")] = None,
+        model: Annotated[str | None, Field(description="litellm model string for the root model")] = None,
+        sub_model: Annotated[str | None, Field(description="model for llm_query sub-calls")] = None,
+        sandbox: Annotated[Literal["local", "docker", "daytona"] | None, Field(description="where the REPL runs")] = None,
+        max_iterations: Annotated[int | None, Field(description="root-model turns (default 30)")] = None,
+        max_depth: Annotated[int | None, Field(description="1: no child RLMs; 2: rlm_query starts child RLMs")] = None,
+        timeout_s: Annotated[float | None, Field(description="wall-clock limit for the run, seconds")] = None,
+        max_cost_usd: Annotated[float | None, Field(description="spending limit over the whole run, USD")] = None,
+        wait_s: Annotated[float, Field(description="seconds to wait before returning status 'running' (0-300)", ge=0, le=300)] = 50,
+    ) -> Annotated[CallToolResult, CompleteResult]:
+        """Answer `query` over a large context with a Recursive Language Model: a root model
+        explores the context in a sandboxed Python REPL and calls sub-models on pieces of it.
+        Runs longer than wait_s keep going: poll rlm_get_result(run_id)."""
+        services = svc()
+        request = RunRequest(query=query, model=model, sub_model=sub_model, sandbox=sandbox,
+                             limits=services.settings.limits.with_overrides(
+                                 max_iterations=max_iterations, max_depth=max_depth,
+                                 timeout_s=timeout_s, max_cost_usd=max_cost_usd),
+                             **_context_for(services, handle, handles, context))
+        progress = _ProgressForwarder(ctx)
+        run = services.runs.start(request, progress)
+        try:
+            run = await services.runs.wait(run.run_id, wait_s)
+        except asyncio.CancelledError:
+            await services.runs.cancel(run.run_id)
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                run.listeners.remove(progress)
+            await progress.drain()
+        result = _complete_result(run)
+        return _reply(result, _complete_summary(result), ANSWER_META)
+
+    @server.tool(title="Get (or wait for) a run's result", annotations=read_only, meta=ANSWER_META)
+    @guarded
+    async def rlm_get_result(
+        ctx: Context,
+        run_id: Annotated[str, Field(description="the run_id from rlm_complete")],
+        wait_s: Annotated[float, Field(description="seconds to wait for it to finish (0-300)", ge=0, le=300)] = 50,
+    ) -> Annotated[CallToolResult, CompleteResult]:
+        """The result of a run started by rlm_complete, waiting up to wait_s if it is still running."""
+        services = svc()
+        try:
+            run = services.runs.get(run_id)
+        except RlmError:
+            stored = services.runs.stored_result(run_id)
+            if stored is None:
+                raise
+            result = _finished(stored)
+            return _reply(result, _complete_summary(result), ANSWER_META)
+        progress = _ProgressForwarder(ctx)
+        run.listeners.append(progress)
+        try:
+            run = await services.runs.wait(run_id, wait_s)
+        finally:
+            with contextlib.suppress(ValueError):
+                run.listeners.remove(progress)
+            await progress.drain()
+        result = _complete_result(run)
+        return _reply(result, _complete_summary(result), ANSWER_META)
+
+    @server.tool(title="Cancel a run", annotations=ToolAnnotations(destructive_hint=True, open_world_hint=False))
+    @guarded
+    async def rlm_cancel(run_id: Annotated[str, Field(description="the run_id from rlm_complete")]) -> Annotated[CallToolResult, CompleteResult]:
+        """Stop a running run and its sandboxes; returns its final state."""
+        run = await svc().runs.cancel(run_id)
+        result = _complete_result(run)
+        return _reply(result, _complete_summary(result))
+
+    @server.tool(title="Inspect how a run reached its answer", annotations=read_only)
+    @guarded
+    async def rlm_get_trajectory(
+        run_id: Annotated[str, Field(description="the run_id from rlm_complete")],
+        offset: Annotated[int, Field(description="first iteration to show (0-based)", ge=0)] = 0,
+        limit: Annotated[int, Field(description="iterations per page (1-20)", ge=1, le=20)] = 5,
+        detail: Annotated[Literal["summary", "full"], Field(description="summary: short excerpts; full: longer code and output")] = "summary",
+    ) -> Annotated[CallToolResult, TrajectoryPage]:
+        """A page of a run's trajectory: per iteration the model's reasoning, code, output,
+        sub-call counts and usage, plus where the full JSONL file is."""
+        services = svc()
+        path = services.engine.trajectory_path(run_id)
+        if services.runs.stored_result(run_id) is None:
+            raise ConfigError(f"no trajectory for run_id {run_id!r}: use a run_id returned by rlm_complete")
+        page = TrajectoryPage(**await asyncio.to_thread(trajectory_page, path, offset, limit, detail))
+        more = f" Next page: offset={page.next_offset}." if page.next_offset is not None else ""
+        summary = (f"Run {page.run_id} ({page.status}), iterations {page.offset + 1}-{page.offset + len(page.iterations)} "
+                   f"of {page.total_iterations}.{more} Full log: {page.path}\n"
+                   + json.dumps(page.iterations, ensure_ascii=False, indent=1, default=str))
+        return _reply(page, summary)
+
+    @server.resource("rlm://contexts/{handle}", name="context", mime_type="application/json",
+                     description="A stored context's metadata and preview")
+    def context_resource(handle: str) -> str:
+        return svc().store.get(handle).model_dump_json(indent=2)
+
+    @server.resource("rlm://trajectories/{run_id}", name="trajectory", mime_type="application/jsonl",
+                     description="A run's full trajectory (JSON lines, reference RLM logger format)")
+    def trajectory_resource(run_id: str) -> str:
+        if svc().runs.stored_result(run_id) is None:
+            raise ValueError(f"no trajectory for run_id {run_id!r}")
+        return svc().engine.trajectory_path(run_id).read_text(encoding="utf-8")
+
+    @server.prompt(name="analyze_large_file", title="Analyse a large file with an RLM")
+    def analyze_large_file(path: str, question: str) -> str:
+        """Load a large file or directory server-side and answer a question about it."""
+        return (f"Use the rlm-mcp tools to answer a question about {path} without reading it yourself.\n"
+                f"1. Call rlm_load_context with path={path!r}.\n"
+                f"2. Call rlm_complete with the returned handle and the query: {question}\n"
+                "3. If the status is 'running', call rlm_get_result with the run_id until it finishes.\n"
+                "4. Report the answer; if it looks doubtful, inspect rlm_get_trajectory.")
+
+    return server
+
+
+def _context_for(services: Services, handle: str | None, handles: list[str] | None,
+                 context: str | None) -> dict[str, Any]:
+    given = [n for n, v in (("handle", handle), ("handles", handles), ("context", context)) if v is not None]
+    if len(given) != 1:
+        raise ConfigError("give exactly one of handle, handles or context"
+                          + (f" (got {', '.join(given)})" if given else "; load large inputs with rlm_load_context first"))
+    store = services.store
+    if handle is not None:
+        info = store.get(handle)
+    elif handles is not None:
+        if not handles:
+            raise ConfigError("handles is empty: pass at least one handle from rlm_load_context")
+        info = store.combine(handles) if len(handles) > 1 else store.get(handles[0])
+    else:
+        assert context is not None
+        if len(context) > INLINE_CONTEXT_CHARS:
+            raise ConfigError(f"the inline context has {len(context):,} characters (limit {INLINE_CONTEXT_CHARS:,}): "
+                              "load it with rlm_load_context (path, url or text) and pass the handle")
+        info = store.load_text(context, name="inline context")
+    return {"context": store.context_file(info.handle), "shape": shape_of(info)}
+
+
+class _ProgressForwarder:
+    """Turns engine events into MCP progress notifications for one tool call."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.count = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def __call__(self, event: RunEvent) -> None:
+        self.count += 1
+        task = asyncio.get_running_loop().create_task(self._send(self.count, event.message))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _send(self, progress: int, message: str) -> None:
+        with contextlib.suppress(Exception):  # a client gone away must not break the run
+            await self.ctx.report_progress(progress, None, message)
+
+    async def drain(self) -> None:
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=5)
+
+
+# ----- transports -------------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    return False
+
+
+class BearerAuth:
+    """ASGI middleware: every HTTP request must carry ``Authorization: Bearer <token>``."""
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app = app
+        self.token = token.encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            header = dict(scope.get("headers") or []).get(b"authorization", b"")
+            scheme, _, supplied = header.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(supplied.strip(), self.token):
+                body = b'{"error": "missing or wrong bearer token: send Authorization: Bearer <RLM_MCP_AUTH_TOKEN>"}'
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"www-authenticate", b"Bearer")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def http_app(server: MCPServer, settings: Settings, transport: str, host: str) -> Any:
+    """The Starlette app for sse/http, with the bind rules applied."""
+    if not is_loopback(host) and not settings.auth_token:
+        raise ConfigError(f"refusing to serve on {host}, which is not a loopback address, without a token: "
+                          "set RLM_MCP_AUTH_TOKEN (clients then send Authorization: Bearer <token>)")
+    security = None
+    if not is_loopback(host):
+        # Host names cannot be known for a public bind; the bearer token is what protects it.
+        security = TransportSecuritySettings(enable_dns_rebinding_protection=False)
+    if transport == "sse":
+        app = server.sse_app(transport_security=security, host=host)
+    else:
+        app = server.streamable_http_app(transport_security=security, host=host)
+    return BearerAuth(app, settings.auth_token) if settings.auth_token else app
+
+
+def serve(settings: Settings, transport: str = "stdio", host: str = "127.0.0.1", port: int = 8765) -> None:
+    """Run the server until it is stopped; runs and sandboxes are cleaned up on the way out."""
+    services = Services.create(settings)
+    server = build_server(services)
+    app = None if transport == "stdio" else http_app(server, settings, transport, host)
+
+    async def main() -> None:
+        try:
+            if app is None:
+                await server.run_stdio_async()
+            else:
+                import uvicorn
+
+                path = "/sse" if transport == "sse" else "/mcp"
+                log.info("rlm-mcp %s on http://%s:%d%s%s", transport, host, port, path,
+                         " (bearer token required)" if settings.auth_token else "")
+                config = uvicorn.Config(app, host=host, port=port, log_level=settings.log_level.lower(),
+                                        lifespan="on")
+                await uvicorn.Server(config).serve()
+        finally:
+            await services.aclose()
+
+    asyncio.run(main())
