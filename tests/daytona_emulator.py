@@ -117,6 +117,8 @@ class EmulatedCommand:
         if self.process is not None and self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.process.pid, signal.SIGKILL)
+        if self.process is not None and self.process.stdin is not None:
+            self.process.stdin.close()  # the daemon's end of the input pipe goes with the session
 
     def dto(self) -> dict[str, Any]:
         data: dict[str, Any] = {"id": self.id, "command": self.command}
@@ -166,8 +168,9 @@ class DaytonaEmulator:
     """The emulator; :meth:`start` serves it from a background thread on 127.0.0.1."""
 
     def __init__(self, api_key: str = "test", host: str = "127.0.0.1", port: int = 0,
-                 snapshots: set[str] | None = None) -> None:
+                 snapshots: set[str] | None = None, memory_gb: int = 1) -> None:
         self.api_key = api_key
+        self.memory_gb = memory_gb  # a sandbox's memory quota when its request names none
         self.host = host
         self.port = port
         self.snapshots = snapshots  # None: every snapshot name exists
@@ -357,7 +360,7 @@ class DaytonaEmulator:
             "target": req.get("target") or "emulated",
             "cpu": int(req.get("cpu") or 1),
             "gpu": 0,
-            "memory": int(req.get("memory") or 1),
+            "memory": int(req.get("memory") or self.memory_gb),
             "disk": int(req.get("disk") or 3),
             "state": sandbox.state,
             "desiredState": "destroyed" if sandbox.state in ("destroying", "destroyed") else "started",
@@ -430,6 +433,7 @@ class DaytonaEmulator:
         sandbox.updated_at = _now()
         for session in sandbox.sessions.values():
             await self._end_session(session)
+        _kill_processes_in(sandbox.root)  # as stopping the container would
         await asyncio.to_thread(shutil.rmtree, sandbox.root, True)
 
     async def toolbox_proxy_url(self, request: web.Request) -> web.StreamResponse:
@@ -592,8 +596,11 @@ class DaytonaEmulator:
         run_async = bool(body.get("runAsync") or body.get("async"))
         command = EmulatedCommand(str(uuid.uuid4()), command_text, bool(body.get("suppressInputEcho")))
         session.commands[command.id] = command
+        # The sandbox's memory quota (GiB), enforced as an address-space limit on the command.
+        quota_kb = int(sandbox.request.get("memory") or self.memory_gb) * 1024 * 1024
         command.process = await asyncio.create_subprocess_exec(
-            "bash", "-c", command_text, cwd=sandbox.root, env=self._environment(sandbox),
+            "bash", "-c", f"ulimit -v {quota_kb} 2>/dev/null\n{command_text}", cwd=sandbox.root,
+            env=self._environment(sandbox),
             stdin=asyncio.subprocess.PIPE if run_async else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             start_new_session=True, limit=1 << 30)
@@ -725,6 +732,20 @@ async def _wait_closed(ws: web.WebSocketResponse) -> None:
     async for message in ws:
         if message.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
             return
+
+
+def _kill_processes_in(root: Path) -> None:
+    """SIGKILL every process whose working directory is inside ``root`` (Linux /proc)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cwd = Path(os.readlink(entry / "cwd"))
+        except OSError:
+            continue
+        if cwd == root or root in cwd.parents:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(entry.name), signal.SIGKILL)
 
 
 def _demux(log_bytes: bytes) -> tuple[str, str]:
