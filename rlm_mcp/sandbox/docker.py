@@ -142,6 +142,12 @@ def _dir_token(token: str) -> str:
     return "".join(c if c.isalnum() or c in "-." else "_" for c in token)
 
 
+def mounts_dir_name(pid: int | None = None) -> str:
+    """Name of a server process's directory of per-container mounts (``host_pid_start``)."""
+    pid = os.getpid() if pid is None else pid
+    return f"{_dir_token(socket.gethostname())}_{pid}_{_process_start(pid)}"
+
+
 def reap_leftovers(client: docker.DockerClient, mounts_root: Path | None = None) -> int:
     """Remove what crashed rlm-mcp servers left behind; return how many items were removed.
 
@@ -461,7 +467,7 @@ class DockerProvider:
         self._requested_transfer = context_transfer
         self.context_transfer: ContextTransfer = context_transfer or "bind"
         self.mounts_root = settings.home / MOUNTS_DIRNAME
-        self.mounts_dir = self.mounts_root / f"{_dir_token(socket.gethostname())}_{os.getpid()}_{_process_start(os.getpid())}"
+        self.mounts_dir = self.mounts_root / mounts_dir_name()
         self._client: docker.DockerClient | None = None
         self._prepare_lock = threading.Lock()
         self._live: dict[str, _Box] = {}
@@ -559,7 +565,10 @@ class DockerProvider:
             cap_drop=["ALL"], security_opt=["no-new-privileges"],
             mem_limit=memory, memswap_limit=memory, pids_limit=settings.sandbox_pids,
             tmpfs={"/tmp": f"rw,nosuid,nodev,size={settings.sandbox_memory_mb}m,mode=1777"},
-            ulimits=[Ulimit(name="core", soft=0, hard=0)],
+            # RLIMIT_DATA at the memory limit turns one oversized allocation into a clean
+            # MemoryError (REPL state kept) instead of an OOM kill of the whole container.
+            ulimits=[Ulimit(name="core", soft=0, hard=0),
+                     Ulimit(name="data", soft=settings.sandbox_memory_mb << 20, hard=settings.sandbox_memory_mb << 20)],
             working_dir="/tmp", hostname="sandbox",
             environment={"HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
                          "PYTHONIOENCODING": "utf-8", "PYTHONDONTWRITEBYTECODE": "1"},

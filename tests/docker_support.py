@@ -1,0 +1,99 @@
+"""Fixtures for tests that need a Docker engine and the sandbox image.
+
+Import them where needed (``from tests.docker_support import docker_provider  # noqa: F401``)
+or list this module in ``pytest_plugins``. Without an engine (or without the image) the tests
+are skipped with the reason on a developer machine, but fail when ``CI=true``: CI must prove the
+Docker backend, so sandboxes/ci-setup-docker.sh has to run first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import pytest
+import pytest_asyncio
+
+from rlm_mcp.config import Settings
+from rlm_mcp.errors import SandboxError
+from rlm_mcp.sandbox.docker import LABEL, LABEL_VALUE, OWNER_LABEL, DockerProvider, connect, owner_token
+
+IMAGE = os.environ.get("RLM_MCP_DOCKER_IMAGE") or Settings().docker_image
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI", "").strip().lower() in ("true", "1"):
+        pytest.fail(f"{reason} (CI=true: the Docker tests must run; run sandboxes/ci-setup-docker.sh first)",
+                    pytrace=False)
+    pytest.skip(reason)
+
+
+def docker_settings(home: Path, **overrides: Any) -> Settings:
+    """Small, fast limits for tests; ``overrides`` replace any Settings field."""
+    values: dict[str, Any] = dict(home=home, docker_image=IMAGE, sandbox_memory_mb=512,
+                                  sandbox_cpus=1.0, sandbox_pids=64, docker_pool_size=0)
+    values.update(overrides)
+    return Settings(**values)
+
+
+def our_leftovers(client: docker.DockerClient) -> list[str]:
+    """Containers and volumes labelled as made by this test process."""
+    owner = f"{OWNER_LABEL}={owner_token()}"
+    names = [f"container {c.short_id} ({c.status})"
+             for c in client.containers.list(all=True, filters={"label": [f"{LABEL}={LABEL_VALUE}", owner]})]
+    names += [f"volume {v.name}" for v in client.volumes.list(filters={"label": owner})]
+    return names
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[docker.DockerClient]:
+    """A client for a live engine that has the sandbox image. At the end of the session it
+    checks that no container or volume this process labelled is left behind."""
+    try:
+        client = connect()
+    except SandboxError as exc:
+        _unavailable(f"no Docker engine: {exc}")
+    try:
+        client.images.get(IMAGE)
+    except docker.errors.ImageNotFound:
+        client.close()
+        _unavailable(f"the sandbox image {IMAGE} is missing: run `python -m rlm_mcp.sandbox.docker build`")
+    yield client
+    leftovers = our_leftovers(client)
+    client.close()
+    assert not leftovers, f"Docker objects left behind after the test session: {leftovers}"
+
+
+@pytest.fixture(scope="session")
+def docker_provider(docker_engine: docker.DockerClient,
+                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerProvider]:
+    """One Docker provider for the whole session (no warm pool, so no event-loop affinity)."""
+    provider = DockerProvider(docker_settings(tmp_path_factory.mktemp("docker-home")))
+    yield provider
+    asyncio.run(provider.aclose())
+
+
+ProviderFactory = Callable[..., Awaitable[DockerProvider]]
+
+
+@pytest_asyncio.fixture
+async def make_docker_provider(docker_engine: docker.DockerClient,
+                               tmp_path: Path) -> AsyncIterator[ProviderFactory]:
+    """Make providers with custom settings (``make(sandbox_pids=32, docker_pool_size=2)``);
+    they are closed when the test ends."""
+    made: list[DockerProvider] = []
+
+    async def make(*, context_transfer: Any = None, **overrides: Any) -> DockerProvider:
+        provider = DockerProvider(docker_settings(tmp_path / f"home{len(made)}", **overrides),
+                                  context_transfer=context_transfer)
+        made.append(provider)
+        return provider
+
+    yield make
+    for provider in made:
+        await provider.aclose()
