@@ -268,12 +268,12 @@ class _Rlm:
             result = await self._execute(sandbox, code)
             cells.append(self._cell_record(code, result))
             rendered.append((code, result.render()))
-            if self.depth == 1 and result.draft:
-                self.tree.draft = result.draft
+            if self.depth == 1 and (result.draft or result.final):
+                self.tree.draft = result.draft or result.final
+            if self.tree.budget.tripped is not None:
+                return None, cells, ""  # an answer built on refused sub-calls is only partial
             if result.final is not None:
                 return result.final, cells, ""
-            if self.tree.budget.tripped is not None:
-                break
         if directive is not None and directive.text is not None:
             return directive.text, cells, ""
         if directive is not None and directive.variable is not None:
