@@ -404,7 +404,9 @@ def _read_slice(fh: BinaryIO, index: list[list[int]], start: int, count: int, *,
 
 def _matches(rel: str, patterns: list[str]) -> bool:
     """gitignore-like: a pattern without "/" matches any path component (``*.py``, ``tests``);
-    one with "/" matches the relative path or one of its parent directories (``docs/**``)."""
+    one with "/" matches the relative path or one of its parent directories (``docs/**``).
+    Matching is ``fnmatch`` on posix paths, so ``*`` also matches "/" (``src/*.py`` takes
+    ``src/a/b.py`` too)."""
     parts = rel.split("/")
     for raw in patterns:
         pattern = raw.strip().removeprefix("./")
@@ -425,6 +427,10 @@ def _matches(rel: str, patterns: list[str]) -> bool:
 
 def _inside(path: Path, roots: list[Path]) -> bool:
     return any(path == root or path.is_relative_to(root) for root in roots)
+
+
+def _count(number: int, word: str, plural: str | None = None) -> str:
+    return f"{number:,} {word if number == 1 else plural or word + 's'}"
 
 
 def _human(size: float) -> str:
@@ -509,22 +515,25 @@ class _Scan:
 
     def largest_parts(self, count: int = 5) -> str:
         ranked = sorted(self.parts.items(), key=lambda item: -item[1][1])[:count]
-        return ", ".join(f"{name} ({files:,} files, {_human(size)})" for name, (files, size) in ranked)
+        return ", ".join(f"{name} ({_count(files, 'file')}, {_human(size)})" for name, (files, size) in ranked)
 
 
 def _skip_notes(skipped: dict[str, int]) -> list[str]:
     words = {
-        "binary": "binary files skipped",
-        "ignored_dir": "directories skipped by name (.git, node_modules, build, ...; load one by "
-                       "its own path to include it)",
-        "ignored_file": "system files skipped (.DS_Store, ...)",
-        "excluded": "files or directories left out by include/exclude",
-        "symlink": "symlinks skipped (symlinked directories are not followed; broken links)",
-        "outside_roots": "symlinks skipped because they point outside the allowed roots",
-        "special": "special files skipped (devices, FIFOs, sockets)",
-        "unreadable": "files or directories skipped as unreadable",
+        "binary": ("binary file", "skipped"),
+        "ignored_dir": ("directory", "skipped by name (.git, node_modules, build, ...; load one by "
+                        "its own path to include it)"),
+        "ignored_file": ("system file", "skipped (.DS_Store, ...)"),
+        "excluded": ("file or directory", "left out by include/exclude"),
+        "symlink": ("symlink", "skipped (symlinked directories are not followed; broken links)"),
+        "outside_roots": ("symlink", "skipped: pointing outside the allowed roots"),
+        "special": ("special file", "skipped (devices, FIFOs, sockets)"),
+        "unreadable": ("unreadable file or directory", "skipped"),
     }
-    return [f"{skipped[key]:,} {text}" for key, text in words.items() if skipped.get(key)]
+    plurals = {"directory": "directories", "file or directory": "files or directories",
+               "unreadable file or directory": "unreadable files or directories"}
+    return [f"{_count(skipped[key], word, plurals.get(word))} {text}"
+            for key, (word, text) in words.items() if skipped.get(key)]
 
 
 # ----- the store ------------------------------------------------------------------------------

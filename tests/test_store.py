@@ -440,7 +440,7 @@ def test_directory_documents(store: ContextStore, tmp_path: Path) -> None:
     assert info.characters == sum(map(len, texts)) and info.document_lengths == [len(t) for t in texts]
     assert info.skipped["binary"] == 1 and info.skipped["ignored_dir"] == 5
     assert info.skipped["ignored_file"] == 1 and info.skipped["symlink"] == 1
-    assert "1 binary files skipped" in info.notes
+    assert "1 binary file skipped" in info.notes
     view = "".join(f"=== {p} ===\n{t}\n" for p, t in zip(paths, texts))
     assert info.preview == view[:300]
 
@@ -485,7 +485,7 @@ def test_directory_caps_refuse_whole(tmp_path: Path) -> None:
         store.load_path(str(tree))
     message = str(caught.value)
     assert "holds 9 files and 130 bytes" in message and "limit of 3 files" in message and "nothing was loaded" in message
-    assert "include" in message and "exclude" in message and "Largest parts: src/ (4 files" in message
+    assert "include" in message and "exclude" in message and "Largest parts: src/ (3 files, 67 bytes), a-b.txt (1 file, 24 bytes)" in message
     store = make_store(tmp_path, max_context_bytes=50)
     with pytest.raises(ContextError, match="over the limit of 20,000 files and 50 bytes"):
         store.load_path(str(tree))
@@ -493,7 +493,8 @@ def test_directory_caps_refuse_whole(tmp_path: Path) -> None:
     with pytest.raises(ContextError, match="pass a larger max_bytes"):
         store.load_path(str(tree), max_bytes=50)
     assert store.list() == [] and temp_dirs(store) == []
-    assert make_store(tmp_path, max_files=3).load_path(str(tree), include=["src/*.py"]).documents == 1
+    narrowed = make_store(tmp_path, max_files=3).load_path(str(tree), include=["src/*.py"])
+    assert sandbox_view(store, narrowed.handle)[1] == ["src/app.py", "src/util/helpers.py"]  # fnmatch: * spans /
 
 
 def test_directory_with_only_binaries(store: ContextStore, tmp_path: Path) -> None:
