@@ -77,7 +77,7 @@ def address_refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | 
             return address_refusal(mapped)
     for label, flag in (("loopback", ip.is_loopback), ("unspecified", ip.is_unspecified),
                         ("link-local", ip.is_link_local), ("multicast", ip.is_multicast),
-                        ("private", ip.is_private), ("reserved", ip.is_reserved)):
+                        ("reserved", ip.is_reserved), ("private", ip.is_private)):
         if flag:
             return label
     if not ip.is_global:
@@ -131,12 +131,14 @@ async def _send(client: httpx.AsyncClient, target: httpx.URL, settings: Settings
     addresses = await _checked_addresses(target.host, port, settings.allow_private_urls, shown)
     host_header = target.netloc.decode("ascii")
     extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+    # Credentials travel as an auth header, never in the URL, so httpx's own logs cannot show them.
+    auth = httpx.BasicAuth(target.username, target.password) if target.userinfo else None
     failure: Exception | None = None
     for address in addresses:
-        request = client.build_request("GET", target.copy_with(host=address),
+        request = client.build_request("GET", target.copy_with(host=address, userinfo=b""),
                                        headers={"Host": host_header}, extensions=extensions)
         try:
-            return await client.send(request, stream=True)
+            return await client.send(request, stream=True, auth=auth)
         except httpx.ConnectError as exc:
             failure = exc
     raise ContextError(f"cannot connect to {shown} ({failure}): check that the server is up "
