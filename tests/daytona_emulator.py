@@ -178,7 +178,7 @@ class DaytonaEmulator:
         self.sandboxes: dict[str, EmulatedSandbox] = {}
         self.deleted: dict[str, EmulatedSandbox] = {}
         self.requests: list[tuple[str, str]] = []  # (operation, sandbox id or "")
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -289,6 +289,12 @@ class DaytonaEmulator:
         with self._lock:
             return sum(1 for name, _ in self.requests if name == operation)
 
+    def wait_for(self, operation: str, times: int = 1, timeout: float = 10.0) -> bool:
+        """Block until ``operation`` was requested ``times`` times (for tests, off the loop)."""
+        with self._lock:
+            return self._lock.wait_for(
+                lambda: sum(1 for name, _ in self.requests if name == operation) >= times, timeout)
+
     # ----- plumbing ---------------------------------------------------------------------------
 
     @web.middleware
@@ -319,6 +325,7 @@ class DaytonaEmulator:
         """Record the request and apply any injected fault for this operation."""
         with self._lock:
             self.requests.append((operation, request.match_info.get("sandbox", "")))
+            self._lock.notify_all()
             delay = self.faults.delays.get(operation, 0.0) if delay_now else 0.0
             limited = self.faults.rate_limits.get(operation, 0) > 0
             if limited:
@@ -650,7 +657,7 @@ class DaytonaEmulator:
         found = self._session(request)
         if isinstance(found, web.Response):
             return found
-        _, session = found
+        sandbox, session = found
         command = session.commands.get(request.match_info["command"])
         if command is None:
             return self._daemon_error(404, "command not found", request)
@@ -678,9 +685,10 @@ class DaytonaEmulator:
             if not command.suppress_input_echo:
                 await command.append(STDOUT_PREFIX + payload)
         trigger = self.faults.kill_session_on_input
-        if trigger is not None and trigger in data:
+        if trigger is not None and trigger in data:  # the session's processes die (say, OOM)
             self.faults.kill_session_on_input = None
             session.kill()
+            _kill_processes_in(sandbox.root)
         return web.Response(status=204)
 
     async def command_logs(self, request: web.Request) -> web.StreamResponse:
