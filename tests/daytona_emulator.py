@@ -71,12 +71,14 @@ class Faults:
     rate_limits: dict[str, int] = field(default_factory=dict)  # operation -> number of 429s
     delays: dict[str, float] = field(default_factory=dict)     # operation -> seconds before answering
     kill_session_on_input: str | None = None  # kill the session when input contains this text
+    break_log_streams: int = 0  # close this many log WebSockets abnormally (1011) mid-stream
 
     def clear(self) -> None:
         self.errors.clear()
         self.rate_limits.clear()
         self.delays.clear()
         self.kill_session_on_input = None
+        self.break_log_streams = 0
 
 
 class EmulatedCommand:
@@ -719,6 +721,10 @@ class DaytonaEmulator:
                     for start in range(0, len(data), LOG_CHUNK):
                         await ws.send_bytes(data[start:start + LOG_CHUNK])
                     offset += len(data)
+                    if self.faults.break_log_streams > 0 and not command.finished:
+                        self.faults.break_log_streams -= 1
+                        await ws.close(code=1011, message=b"emulated proxy failure")
+                        break
                     continue
                 if command.finished or not follow:
                     break

@@ -141,6 +141,19 @@ async def test_session_dying_mid_cell_loses_state_and_the_next_cell_runs_in_a_ne
     assert_nothing_left(emulator, provider)
 
 
+async def test_a_broken_output_stream_is_resumed_without_losing_or_repeating_lines(emulator, context):
+    provider = make_provider(emulator)
+    async with provider.create(spec(context)) as sandbox:
+        await sandbox.execute("kept = 'yes'", timeout=30)
+        emulator.faults.break_log_streams = 1
+        result = await sandbox.execute("print(kept, llm_query('a'), llm_query('b'))", timeout=30)
+        again = await sandbox.execute("print(llm_query('c'))", timeout=30)
+    assert emulator.faults.break_log_streams == 0
+    assert result.stdout.strip() == "yes llm_query:a llm_query:b" and not result.state_lost
+    assert again.stdout.strip() == "llm_query:c"
+    assert_nothing_left(emulator, provider)
+
+
 async def test_api_timeout_while_sending_a_cell_is_a_clear_run_error_and_the_sandbox_is_deleted(emulator, context):
     provider = make_provider(emulator, api_timeout_s=1)
     sandbox = provider.create(spec(context))

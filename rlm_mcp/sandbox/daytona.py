@@ -72,6 +72,7 @@ SANDBOX_LABEL = {"rlm-mcp": "sandbox"}
 REMOTE_DIR = ".rlm-mcp"  # relative paths resolve against the sandbox's working directory
 STDERR_TAIL_LINES = 20
 RATE_LIMIT_RETRIES = 3
+LOG_STREAM_RECONNECTS = 3
 
 
 class ChannelLost(WorkerGone, SandboxError):
@@ -117,23 +118,51 @@ class SessionTransport(WorkerTransport):
         self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
         self._ended = False
+        self._consumed = 0  # stdout characters taken from the stream so far
+        self._replayed = 0  # stdout characters seen on the current connection
         self._stream = asyncio.create_task(self._follow_logs())
 
     # ----- worker -> host ---------------------------------------------------------------------
 
     async def _follow_logs(self) -> None:
+        """Stream the command's output; reconnect (skipping what was seen) if the stream breaks
+        while the worker still runs, since the daemon replays the log from its start."""
         try:
-            await self.sandbox.process.get_session_command_logs_async(
-                self.session_id, self.command_id, self._on_stdout, self._on_stderr)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the stream broke: the worker is unreachable either way
-            self.failure = describe_error(exc, "streaming the worker's output", self.owner.settings)
-            log.debug("log stream of %s ended: %s", self.command_id, exc)
+            for attempt in range(LOG_STREAM_RECONNECTS + 1):
+                self._replayed = 0
+                try:
+                    await self.sandbox.process.get_session_command_logs_async(
+                        self.session_id, self.command_id, self._on_stdout, self._on_stderr)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self.failure = describe_error(exc, "streaming the worker's output", self.owner.settings)
+                    log.debug("log stream of %s broke: %s", self.command_id, exc)
+                else:
+                    return  # a normal close: the command has ended
+                if attempt == LOG_STREAM_RECONNECTS or not await self._still_running():
+                    return
+                log.warning("the worker's output stream broke; reconnecting (%s)", self.failure)
+                self.failure = None
         finally:
             self._end_stream()
 
+    async def _still_running(self) -> bool:
+        try:
+            command = await self.owner.api(self.sandbox.process.get_session_command(
+                self.session_id, self.command_id), raw=True, timeout=15)
+        except Exception:
+            return False
+        self.exit_code = command.exit_code
+        return command.exit_code is None
+
     def _on_stdout(self, chunk: str) -> None:
+        if self._replayed < self._consumed:  # a reconnected stream starts from the beginning
+            skip = min(len(chunk), self._consumed - self._replayed)
+            self._replayed += skip
+            chunk = chunk[skip:]
+        self._consumed += len(chunk)
+        self._replayed += len(chunk)
         while chunk:
             head, newline, chunk = chunk.partition("\n")
             self._partial.append(head)
@@ -241,6 +270,13 @@ class SessionTransport(WorkerTransport):
 
     async def close(self) -> None:
         """Ask the worker to exit, give it a moment, then make sure it and its session are gone."""
+        if self.owner.closing:  # the whole sandbox is about to be deleted: skip the round trips
+            self._end_stream()
+            for task in (self._writer, self._stream):
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(*(t for t in (self._writer, self._stream) if t), return_exceptions=True)
+            return
         if not self._ended:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.send(b'{"type": "shutdown"}\n'), 10)
@@ -276,6 +312,11 @@ class DaytonaSandbox(WorkerSandbox):
         self._sessions = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._released = False
+
+    @property
+    def closing(self) -> bool:
+        """True once close() began (the sandbox itself will be deleted)."""
+        return self._closed
 
     @property
     def sandbox_id(self) -> str | None:
