@@ -113,8 +113,8 @@ class RunManager:
         """Wait up to ``wait_s`` for the run to finish; return it either way."""
         run = self.get(run_id)
         if run.task is not None and not run.done:
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(run.task), timeout=max(0.0, wait_s))
+            # asyncio.wait never cancels the run; the caller's own cancellation still propagates.
+            await asyncio.wait({run.task}, timeout=max(0.0, wait_s))
         return run
 
     async def cancel(self, run_id: str) -> Run:

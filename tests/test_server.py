@@ -1,0 +1,258 @@
+"""The MCP server through the SDK's real client, in memory."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp import Client
+
+from rlm_mcp.config import Settings
+from rlm_mcp.server import Services, build_server
+from rlm_mcp.testing.model_server import CHUNK_CHARS
+from tests.conftest import haystack
+
+
+@pytest.fixture
+async def services(settings: Settings):
+    services = Services.create(settings)
+    yield services
+    await services.aclose()
+
+
+def connect(services: Services) -> Client:
+    """An in-memory client session (opened inside each test: anyio scopes cannot cross the
+    task boundary between a fixture's setup and teardown)."""
+    return Client(build_server(services), read_timeout_seconds=120)
+
+
+async def call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
+    result = await client.call_tool(tool, arguments)
+    assert not result.is_error, result.content[0].text
+    return result.structured_content
+
+
+async def error_of(client: Client, tool: str, **arguments: Any) -> str:
+    result = await client.call_tool(tool, arguments)
+    assert result.is_error, result.structured_content
+    return result.content[0].text
+
+
+@pytest.fixture
+def needle_file(tmp_path: Path) -> Path:
+    path = tmp_path / "big.log"
+    path.write_text(haystack(2_000_000, "SRV-5"), encoding="utf-8")
+    return path
+
+
+async def test_tools_are_listed_with_valid_names_descriptions_and_annotations(services):
+    async with connect(services) as client:
+        tools = {tool.name: tool for tool in (await client.list_tools()).tools}
+        assert set(tools) == {"rlm_load_context", "rlm_list_contexts", "rlm_delete_context", "rlm_peek_context",
+                              "rlm_complete", "rlm_get_result", "rlm_cancel", "rlm_get_trajectory"}
+        for name, tool in tools.items():
+            assert re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", name)
+            assert tool.description and tool.annotations is not None and tool.output_schema is not None
+        assert tools["rlm_list_contexts"].annotations.read_only_hint is True
+        assert tools["rlm_delete_context"].annotations.destructive_hint is True
+        complete_args = tools["rlm_complete"].input_schema["properties"]
+        assert {"query", "handle", "handles", "context", "model", "sub_model", "sandbox", "max_iterations",
+                "max_depth", "timeout_s", "max_cost_usd", "wait_s"} <= set(complete_args)
+        assert all(arg.get("description") for arg in complete_args.values())
+
+
+async def test_load_complete_and_page_the_trajectory(services, needle_file):
+    async with connect(services) as client:
+        info = await call(client, "rlm_load_context", path=str(needle_file))
+        assert info["kind"] == "text" and info["characters"] == needle_file.stat().st_size
+        assert len(info["preview"]) <= 300
+        progress: list[tuple[float, str | None]] = []
+
+        async def on_progress(value: float, total: float | None, message: str | None) -> None:
+            progress.append((value, message))
+
+        result = await client.call_tool("rlm_complete", {"query": "What is the secret code?", "handle": info["handle"]},
+                                        progress_callback=on_progress)
+        out = result.structured_content
+        assert (out["status"], out["answer"]) == ("completed", "SRV-5")
+        assert "SRV-5" in result.content[0].text and out["run_id"] in result.content[0].text
+        chunks = -(-info["characters"] // CHUNK_CHARS)
+        assert out["subcalls"] == chunks and out["iterations"] == 2
+        assert any(message and message.startswith("iteration 1/30") for _, message in progress)
+        assert [value for value, _ in progress] == sorted(value for value, _ in progress)
+
+        page = await call(client, "rlm_get_trajectory", run_id=out["run_id"], limit=1)
+        assert (page["total_iterations"], page["offset"], page["next_offset"]) == (2, 0, 1)
+        second = await call(client, "rlm_get_trajectory", run_id=out["run_id"], offset=1, detail="full")
+        assert second["next_offset"] is None
+        assert second["iterations"][0]["subcalls"] == chunks and "llm_query_batched" in second["iterations"][0]["code_blocks"][0]["code"]
+
+
+async def test_same_content_twice_gives_the_same_handle(services, tmp_path):
+    async with connect(services) as client:
+        first = await call(client, "rlm_load_context", text="same words", name="one")
+        (tmp_path / "copy.txt").write_text("same words")
+        second = await call(client, "rlm_load_context", path=str(tmp_path / "copy.txt"))
+        listed = await call(client, "rlm_list_contexts")
+        assert first["handle"] == second["handle"]
+        assert [c["handle"] for c in listed["contexts"]] == [first["handle"]]
+
+
+async def test_a_directory_loads_as_documents_and_handles_combine(services, tmp_path):
+    async with connect(services) as client:
+        folder = tmp_path / "repo"
+        (folder / "src").mkdir(parents=True)
+        (folder / "src" / "a.py").write_text("print('a')  # secret code is DIR-1")
+        (folder / "README.md").write_text("readme, secret code is DIR-2")
+        (folder / "node_modules").mkdir()
+        (folder / "node_modules" / "x.js").write_text("ignored")
+        docs = await call(client, "rlm_load_context", path=str(folder))
+        extra = await call(client, "rlm_load_context", text="one more: secret code is DIR-3")
+        assert (docs["kind"], docs["documents"]) == ("documents", 2)
+        result = await call(client, "rlm_complete", query="How many secret codes?", model="openai/count",
+                            handles=[docs["handle"], extra["handle"]])
+        assert (result["status"], result["answer"]) == ("completed", "3")
+
+
+async def test_peek_pages_through_a_context(services):
+    async with connect(services) as client:
+        info = await call(client, "rlm_load_context", text="0123456789" * 5)
+        page = await call(client, "rlm_peek_context", handle=info["handle"], start=45, length=10)
+        assert (page["text"], page["next_start"]) == ("56789", None)
+        first = await call(client, "rlm_peek_context", handle=info["handle"], length=20)
+        assert (first["text"], first["next_start"]) == ("01234567890123456789", 20)
+
+
+async def test_delete_removes_the_handle(services):
+    async with connect(services) as client:
+        info = await call(client, "rlm_load_context", text="to be deleted")
+        await call(client, "rlm_delete_context", handle=info["handle"])
+        message = await error_of(client, "rlm_peek_context", handle=info["handle"])
+        assert "unknown context handle" in message and "rlm_list_contexts" in message
+
+
+async def test_a_long_run_returns_running_then_get_result_waits_for_it(services, model_server):
+    async with connect(services) as client:
+        model_server.script("patient", ["```repl\nimport time\ntime.sleep(1.5)\n```", "FINAL(worth the wait)"])
+        started = await call(client, "rlm_complete", query="q", context="tiny", model="openai/patient", wait_s=0.2)
+        assert started["status"] == "running" and "rlm_get_result" in started["next_step"]
+        done = await call(client, "rlm_get_result", run_id=started["run_id"], wait_s=60)
+        assert (done["status"], done["answer"]) == ("completed", "worth the wait")
+
+
+async def test_rlm_cancel_stops_a_running_run(services, model_server):
+    async with connect(services) as client:
+        model_server.script("sleepy", ["```repl\nimport time\ntime.sleep(120)\n```"])
+        started = await call(client, "rlm_complete", query="q", context="tiny", model="openai/sleepy", wait_s=0.5)
+        cancelled = await call(client, "rlm_cancel", run_id=started["run_id"])
+        assert cancelled["status"] == "cancelled"
+        run = services.runs.get(started["run_id"])
+        assert run.task.done()
+        page = await call(client, "rlm_get_trajectory", run_id=started["run_id"])
+        assert page["status"] == "cancelled"
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_client_cancellation_stops_the_run(services, model_server, mode):
+    async with Client(build_server(services), read_timeout_seconds=120, mode=mode) as client:
+        model_server.script("abandoned", ["```repl\nimport time\ntime.sleep(120)\n```"])
+        first_progress = asyncio.Event()
+
+        async def on_progress(value: float, total: float | None, message: str | None) -> None:
+            first_progress.set()
+
+        call_task = asyncio.create_task(client.call_tool(
+            "rlm_complete", {"query": "q", "context": "tiny", "model": "openai/abandoned"}, progress_callback=on_progress))
+        await asyncio.wait_for(first_progress.wait(), 30)
+        call_task.cancel()
+        await asyncio.gather(call_task, return_exceptions=True)
+        run = next(iter(services.runs.runs.values()))
+        await asyncio.wait_for(asyncio.gather(run.task, return_exceptions=True), 30)
+        assert run.result is not None and run.result.status == "cancelled"
+
+
+async def test_runs_beyond_the_cap_queue_and_then_complete(settings, model_server):
+    services = Services.create(replace(settings, max_runs=1))
+    try:
+        async with Client(build_server(services)) as client:
+            model_server.script("first-in-line", ["```repl\nimport time\ntime.sleep(1)\n```", "FINAL(one)"])
+            first = await call(client, "rlm_complete", query="q", context="a", model="openai/first-in-line", wait_s=0.1)
+            second = await call(client, "rlm_complete", query="q", context="b", model="openai/count", wait_s=0)
+            assert (first["status"], second["status"]) == ("running", "queued")
+            done = [await call(client, "rlm_get_result", run_id=r["run_id"], wait_s=60) for r in (first, second)]
+            assert [d["status"] for d in done] == ["completed", "completed"]
+    finally:
+        await services.aclose()
+
+
+async def test_resources_and_prompt_are_served(services):
+    async with connect(services) as client:
+        info = await call(client, "rlm_load_context", text="resource body")
+        resource = await client.read_resource(f"rlm://contexts/{info['handle']}")
+        assert info["handle"] in resource.contents[0].text
+        result = await call(client, "rlm_complete", query="q", context="secret code is RES-1")
+        jsonl = await client.read_resource(f"rlm://trajectories/{result['run_id']}")
+        assert jsonl.contents[0].text.startswith('{"type": "metadata"')
+        prompt = await client.get_prompt("analyze_large_file", {"path": "/var/log/big.log", "question": "why?"})
+        assert "rlm_load_context" in prompt.messages[0].content.text
+
+
+@pytest.mark.parametrize("tool, arguments, expected", [
+    ("rlm_load_context", {}, "give exactly one of path, url or text"),
+    ("rlm_load_context", {"path": "/x", "text": "y"}, "got path, text"),
+    ("rlm_load_context", {"path": "/definitely/not/here.txt"}, "not/here.txt"),
+    ("rlm_load_context", {"url": "http://127.0.0.1:9/secret"}, "127.0.0.1"),
+    ("rlm_load_context", {"url": "ftp://example.org/file"}, "http"),
+    ("rlm_peek_context", {"handle": "ctx_0000000000000000"}, "unknown context handle"),
+    ("rlm_complete", {"query": "q"}, "give exactly one of handle, handles or context"),
+    ("rlm_complete", {"query": "q", "handle": "ctx_0000000000000000"}, "unknown context handle"),
+    ("rlm_complete", {"query": "q", "context": "x" * 200_001}, "load it with rlm_load_context"),
+    ("rlm_complete", {"query": "q", "context": "x", "model": "nope/nothing"}, "unknown model 'nope/nothing'"),
+    ("rlm_complete", {"query": "q", "context": "x", "max_iterations": 0}, "max_iterations must be"),
+    ("rlm_complete", {"query": "q", "context": "x", "timeout_s": 1, "max_depth": 2}, "cell_timeout_s"),
+    ("rlm_complete", {"query": "q", "handles": []}, "handles is empty"),
+    ("rlm_get_result", {"run_id": "run-nope"}, "unknown run_id"),
+    ("rlm_cancel", {"run_id": "run-nope"}, "unknown run_id"),
+    ("rlm_get_trajectory", {"run_id": "../../etc/passwd"}, "no trajectory"),
+])
+async def test_bad_input_is_a_tool_error_that_says_what_to_do(services, tool, arguments, expected):
+    async with connect(services) as client:
+        message = await error_of(client, tool, **arguments)
+        assert expected in message
+
+
+async def test_paths_outside_the_allowed_roots_are_refused(settings, tmp_path):
+    inside, outside = tmp_path / "inside", tmp_path / "outside"
+    inside.mkdir(), outside.mkdir()
+    (outside / "f.txt").write_text("no")
+    services = Services.create(replace(settings, allowed_roots=(inside.resolve(),)))
+    try:
+        async with Client(build_server(services)) as client:
+            message = await error_of(client, "rlm_load_context", path=str(outside / "f.txt"))
+            assert "outside" in message and str(inside.resolve()) in message
+            assert (await call(client, "rlm_list_contexts"))["contexts"] == []
+    finally:
+        await services.aclose()
+
+
+async def test_a_finished_run_is_readable_after_a_restart(settings, needle_file):
+    first = Services.create(settings)
+    try:
+        async with Client(build_server(first)) as client:
+            result = await call(client, "rlm_complete", query="q", context="secret code is RST-1")
+    finally:
+        await first.aclose()
+    second = Services.create(settings)
+    try:
+        async with Client(build_server(second)) as client:
+            again = await call(client, "rlm_get_result", run_id=result["run_id"])
+            contexts = await call(client, "rlm_list_contexts")
+    finally:
+        await second.aclose()
+    assert (again["status"], again["answer"]) == ("completed", "RST-1")
+    assert len(contexts["contexts"]) == 1
+
