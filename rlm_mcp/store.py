@@ -136,6 +136,20 @@ class _Decoder:
         self.replaced += _TLS.replaced
         return text
 
+    def decode_exact(self, data: bytes, final: bool = False) -> tuple[str, bytes | None]:
+        """Decode, and also return the input bytes the text came from when they are exactly its
+        UTF-8 encoding (valid UTF-8 input), so the writer can skip re-encoding."""
+        if self.encoding != "utf-8":
+            return self.decode(data, final), None
+        held = self._decoder.getstate()[0]
+        before = self.replaced
+        text = self.decode(data, final)
+        if self.replaced != before:
+            return text, None
+        consumed = held + data if held else data
+        rest = len(self._decoder.getstate()[0])
+        return text, consumed[:len(consumed) - rest] if rest else consumed
+
 
 def _pick_encoding(head: bytes, declared: str | None) -> tuple[str, str | None]:
     """The codec for a stream starting with ``head``, and a note if it is not plain UTF-8."""
@@ -234,8 +248,9 @@ class _Writer:
     def preview(self) -> str:
         return "".join(self._preview)
 
-    def text(self, text: str) -> None:
-        """Append text (to the open document, for a documents context)."""
+    def text(self, text: str, utf8: bytes | None = None) -> None:
+        """Append text (to the open document, for a documents context); ``utf8``, if given, is
+        exactly ``text.encode("utf-8")``."""
         if not text:
             return
         self._show(text)
@@ -245,7 +260,7 @@ class _Writer:
             if self.chars - self._mark >= INDEX_INTERVAL:
                 self.index.append([self.chars, self.bytes])
                 self._mark = self.chars
-            self._write(text.encode("utf-8", "replace"))
+            self._write(utf8 if utf8 is not None else text.encode("utf-8", "replace"))
         else:
             doc = self._doc
             if doc["chars"] - doc["mark"] >= INDEX_INTERVAL:
@@ -310,7 +325,7 @@ class _Feed:
     def push(self, chunk: bytes) -> None:
         self.budget.take(len(chunk))
         if self.decoder is not None:
-            self.writer.text(self.decoder.decode(chunk))
+            self.writer.text(*self.decoder.decode_exact(chunk))
             return
         self.head += chunk
         if len(self.head) >= SNIFF_BYTES:
@@ -326,13 +341,13 @@ class _Feed:
         if note:
             self.writer.encoding_notes.add(note)
         self.decoder = _Decoder(encoding)
-        self.writer.text(self.decoder.decode(head))
+        self.writer.text(*self.decoder.decode_exact(head))
 
     def close(self) -> None:
         if self.decoder is None:
             self._start()
         assert self.decoder is not None
-        self.writer.text(self.decoder.decode(b"", final=True))
+        self.writer.text(*self.decoder.decode_exact(b"", final=True))
         self.writer.replaced += self.decoder.replaced
 
 
@@ -930,12 +945,12 @@ class ContextStore:
                                             "index": writer.index, "info": info.model_dump()})
             target = self._dir(handle)
             for _attempt in range(3):
-                existing = self._read_meta(target) if target.exists() else None
-                if existing is not None:
-                    writer.discard()
-                    return self._reuse(handle, existing, name)
-                if target.exists():     # a damaged copy (no readable meta): replace it
-                    os.rename(target, self.root / f"{_TRASH_PREFIX}{uuid.uuid4().hex}")
+                if target.exists():     # renamed in whole, so meta.json is there unless damaged
+                    existing = self._read_meta(target)
+                    if existing is not None:
+                        writer.discard()
+                        return self._reuse(handle, existing, name)
+                    self._set_aside(target)
                 try:
                     os.rename(writer.dir, target)
                 except OSError:
@@ -950,6 +965,16 @@ class ContextStore:
         except BaseException:
             writer.discard()
             raise
+
+    def _set_aside(self, target: Path) -> None:
+        """Remove a damaged handle directory (no readable meta.json) so a good copy can replace it."""
+        trash = self.root / f"{_TRASH_PREFIX}{uuid.uuid4().hex}"
+        try:
+            os.rename(target, trash)
+        except FileNotFoundError:
+            return                      # deleted meanwhile
+        log.warning("replacing damaged context directory %s", target)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def _reuse(self, handle: str, meta: dict[str, Any], name: str) -> ContextInfo:
         """The content is already stored: record ``name`` as an alias and return the original."""

@@ -256,6 +256,7 @@ def test_sparse_index_and_peek_across_multibyte(tmp_path: Path, small_steps: Non
     assert info.characters == len(text) and info.bytes == len(text.encode("utf-8"))
     meta = json.loads((store.root / info.handle / "meta.json").read_text(encoding="utf-8"))
     stored = (store.root / info.handle / "content.txt").read_bytes()
+    assert stored == source.read_bytes()
     assert len(meta["index"]) > 10
     for char_offset, byte_offset in meta["index"]:
         assert len(stored[:byte_offset].decode("utf-8")) == char_offset
@@ -271,6 +272,33 @@ def test_sparse_index_and_peek_across_multibyte(tmp_path: Path, small_steps: Non
         pages.append(page.text)
         start = page.next_start
     assert "".join(pages) == text
+
+
+def test_chunked_decoding_matches_whole_decoding(tmp_path: Path, small_steps: None) -> None:
+    import random
+    rng = random.Random(7)
+    pieces = ["a", "\r\n", "\u00e9", "\u20ac", "\U0001f600"]
+    store = make_store(tmp_path)
+    for trial in range(30):
+        raw = b"".join(rng.choice(pieces).encode() if rng.random() < 0.9 else bytes([rng.randrange(0x80, 0x100)])
+                       for _ in range(rng.randrange(40, 120)))
+        raw = b"text " + raw          # keep the first bytes (the binary sniff) plain
+        info = store.load_stream(io.BytesIO(raw), name=f"t{trial}", source="stdin")
+        expected = raw.decode("utf-8", "replace")
+        assert sandbox_view(store, info.handle)[0] == expected
+        assert info.characters == len(expected)
+        assert info.decoding_replaced == ("\ufffd" in expected)
+
+
+def test_damaged_handle_directory_is_replaced(store: ContextStore) -> None:
+    info = store.load_text("will be damaged")
+    (store.root / info.handle / "meta.json").write_text("{not json")
+    with pytest.raises(ContextError, match="unknown context handle"):
+        store.get(info.handle)
+    assert store.list() == []
+    again = store.load_text("will be damaged")
+    assert again.handle == info.handle and store.get(info.handle).characters == 15
+    assert temp_dirs(store) == []
 
 
 def test_peek_arguments(store: ContextStore) -> None:
