@@ -5,9 +5,15 @@ from __future__ import annotations
 import base64
 import gzip
 import ipaddress
+import functools
 import logging
+import shutil
+import socket
+import ssl
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -34,7 +40,9 @@ class Server:
         return f"http://{self.host}:{self.port}{path}"
 
 
-def serve(host: str) -> Iterator[Server]:
+@contextmanager
+def serve(host: str, tls: ssl.SSLContext | None = None) -> Iterator[Server]:
+    """A stdlib HTTP(S) server in a thread that records every request it gets."""
     state = Server(host, 0)
 
     class Handler(BaseHTTPRequestHandler):
@@ -51,6 +59,8 @@ def serve(host: str) -> Iterator[Server]:
 
     httpd = ThreadingHTTPServer((host, 0), Handler)
     httpd.daemon_threads = True
+    if tls is not None:
+        httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
     state.port = httpd.server_address[1]
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -65,7 +75,8 @@ def serve(host: str) -> Iterator[Server]:
 
 @pytest.fixture
 def server() -> Iterator[Server]:
-    yield from serve("127.0.0.1")
+    with serve("127.0.0.1") as state:
+        yield state
 
 
 def reply(body: bytes, content_type: str | None = "text/plain; charset=utf-8", status: int = 200,
@@ -204,7 +215,8 @@ async def test_private_addresses_refused_before_connecting(tmp_path: Path, serve
 
 @pytest.fixture
 def second_server() -> Iterator[Server]:
-    yield from serve("127.0.0.2")
+    with serve("127.0.0.2") as state:
+        yield state
 
 
 async def test_redirect_to_private_address_refused(tmp_path: Path, server: Server, second_server: Server,
@@ -270,3 +282,40 @@ async def test_bad_urls(tmp_path: Path, url: str, message: str) -> None:
 ])
 def test_address_policy(address: str, reason: str | None) -> None:
     assert urlfetch.address_refusal(ipaddress.ip_address(address)) == reason
+
+
+async def test_connection_refused(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]     # nothing listens here once the socket is closed
+    store = make_store(tmp_path)
+    with pytest.raises(ContextError, match="cannot connect to .*check that the server is up"):
+        await store.load_url(f"http://127.0.0.1:{port}/x")
+    assert_nothing_stored(store)
+
+
+@pytest.mark.parametrize("cert_name, ok", [("localhost", True), ("elsewhere.example", False)])
+async def test_https_pinned_address_keeps_certificate_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             cert_name: str, ok: bool) -> None:
+    """The connection goes to the checked IP, yet TLS still verifies the URL's host name."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", f"/CN={cert_name}", "-addext", f"subjectAltName=DNS:{cert_name}",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    monkeypatch.setattr(urlfetch.httpx, "AsyncClient", functools.partial(
+        urlfetch.httpx.AsyncClient, verify=ssl.create_default_context(cafile=str(cert))))
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(str(cert), str(key))
+    with serve("127.0.0.1", server_tls) as state:
+        state.routes["/secure.txt"] = reply(b"over tls")
+        store = make_store(tmp_path)
+        url = f"https://localhost:{state.port}/secure.txt"
+        if ok:
+            assert store.peek((await store.load_url(url)).handle).text == "over tls"
+            assert state.requests[-1][1]["host"] == f"localhost:{state.port}"
+        else:
+            with pytest.raises(ContextError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+                await store.load_url(url)
+            assert_nothing_stored(store)
