@@ -604,6 +604,10 @@ class ContextStore:
         except OSError as exc:
             raise ContextError(f"cannot read {shown}: {exc.strerror}; check the path and permissions") from None
         default_name = resolved.name or str(resolved)
+        if isinstance(include, str):
+            include = [include]
+        if isinstance(exclude, str):
+            exclude = [exclude]
         if stat.S_ISDIR(mode):
             return self._load_directory(resolved, shown, name or default_name, include or [],
                                         exclude or [], limit, max_bytes)

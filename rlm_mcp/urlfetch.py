@@ -194,7 +194,12 @@ async def open_url(url: str, *, settings: Settings, max_bytes: int) -> AsyncIter
                         if response.status_code in _REDIRECT_CODES and "location" in response.headers:
                             location = response.headers["location"]
                             log.info("redirect %s -> %s", redact(str(target)), redact(location))
-                            target = _parse(str(target.join(location)), redact(location))
+                            try:
+                                joined = str(target.join(location))
+                            except (httpx.InvalidURL, TypeError):
+                                raise ContextError(f"{shown} redirected to an invalid URL "
+                                                   f"({redact(location)}): pass another URL") from None
+                            target = _parse(joined, redact(joined))
                             shown = redact(str(target))
                             continue
                         if not 200 <= response.status_code < 300:

@@ -501,6 +501,7 @@ def test_directory_include_exclude(store: ContextStore, tmp_path: Path) -> None:
     no_tests = store.load_path(str(tree), include=["src/**", "*.md"], exclude=["tests", "*.json", "src/util"])
     assert sandbox_view(store, no_tests.handle)[1] == ["README.md", "src/app.py"]
     assert no_tests.skipped["excluded"] > 0
+    assert store.load_path(str(tree), include="*.md").handle == store.load_path(str(tree), include=["*.md"]).handle
     with pytest.raises(ContextError, match="has no files to load.*left out by include/exclude.*check the include/exclude"):
         store.load_path(str(tree), include=["*.rs"])
 

@@ -163,6 +163,9 @@ async def test_redirects_followed_and_limited(tmp_path: Path, server: Server) ->
     store = make_store(tmp_path)
     info = await store.load_url(server.url("/hop1"))
     assert store.peek(info.handle).text == "arrived" and info.source == server.url("/final")
+    server.routes["/to-ftp"] = redirect("ftp://example.com/file.txt")
+    with pytest.raises(ContextError, match="only http:// and https:// URLs can be loaded"):
+        await store.load_url(server.url("/to-ftp"))
     with pytest.raises(ContextError, match="redirected more than 5 times: pass the final URL"):
         await store.load_url(server.url("/loop0"))
     assert [path for path, _ in server.requests][-6:] == [f"/loop{n}" for n in range(6)]
