@@ -102,16 +102,26 @@ found = [r.strip() for r in replies if r.strip() not in ("NONE", "")]
 print(len(pieces), "chunks,", len(found), "hits")
 """
 
+# A child RLM is recognised from its prompt when the host shows it (rlm-mcp puts the start of the
+# prompt in the child's query); hosts that show a child only its context's shape (the reference
+# implementation) run this same step, which then recognises the child from ``context`` itself.
 RECURSE = """
 chunk = {chunk}
 if isinstance(context, str):
     pieces = [context[i:i + chunk] for i in range(0, len(context), chunk)]
 else:
     pieces = list(context)
-found = [r.strip() for r in rlm_query_batched(
-    ["CHILD TASK: find the secret code in this text; answer with the code or NONE.\\n\\n" + p
-     for p in pieces]) if r.strip() not in ("NONE", "")]
-print(len(pieces), "children,", len(found), "hits")
+if isinstance(context, str) and context.startswith("CHILD TASK"):
+    replies = llm_query_batched(["Find the secret code in the text below. Reply with only the code, or NONE.\\n\\n" + p
+                                 for p in pieces])
+    missing = "NONE"
+else:
+    replies = rlm_query_batched(
+        ["CHILD TASK: find the secret code in this text; answer with the code or NONE.\\n\\n" + p
+         for p in pieces])
+    missing = "not found"
+found = [r.strip() for r in replies if r.strip() not in ("NONE", "")]
+print(len(pieces), "pieces,", len(found), "hits")
 """
 
 COUNT = """
@@ -129,7 +139,7 @@ def rlm_policy(policy: str, messages: list[dict[str, Any]]) -> str:
     is_child = "CHILD TASK" in "".join(_text(m) for m in messages if m.get("role") == "user")
     if policy == "recursive" and not is_child:
         steps = [PROBE, _fence(RECURSE.format(chunk=CHUNK_CHARS) +
-                               "\nanswer['content'] = found[0] if found else 'not found'\nanswer['ready'] = True")]
+                               "\nanswer['content'] = found[0] if found else missing\nanswer['ready'] = True")]
     elif policy == "count":
         steps = [PROBE, _fence(COUNT)]
     elif policy == "needle-final":
