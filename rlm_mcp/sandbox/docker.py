@@ -59,6 +59,7 @@ from typing import Any, Literal
 
 import docker
 import docker.errors
+import docker.utils
 import requests.exceptions
 from docker.models.containers import Container
 from docker.types import LogConfig, Mount, Ulimit
@@ -214,8 +215,29 @@ def _docker_errors(action: str, image: str | None = None) -> Iterator[None]:
         raise SandboxError(f"the Docker engine did not answer while trying to {action}: {exc}") from exc
 
 
+def _local_socket_path() -> str | None:
+    """The unix socket the environment points docker-py at (None for TCP, SSH, named pipes)."""
+    base = docker.utils.kwargs_from_env().get("base_url")
+    if base is None:
+        return None if os.name == "nt" else "/var/run/docker.sock"
+    for scheme in ("unix://", "http+unix://"):
+        if base.startswith(scheme):
+            return base[len(scheme):]
+    return None
+
+
 def connect() -> docker.DockerClient:
     """A client for the engine named by the environment (DOCKER_HOST etc.), checked with a ping."""
+    path = _local_socket_path()
+    if path is not None:
+        # Checked with our own socket first: docker-py leaks its socket when connecting fails.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(10)
+            try:
+                probe.connect(path)
+            except OSError as exc:
+                raise SandboxError(f"no Docker engine answers at unix://{path} "
+                                   f"({exc.strerror or exc}): {NO_ENGINE_HELP}") from exc
     try:
         client = docker.from_env()
         client.ping()
@@ -821,14 +843,14 @@ def build_sandbox_image(settings: Settings, *, offline: bool | None = None,
 
 def _build_offline_base(name: str, log_line: Callable[[str], None]) -> None:
     script = SANDBOXES_DIR / "build-base-offline.sh"
-    process = subprocess.Popen(["sh", str(script), name], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, errors="replace")
     tail: collections.deque[str] = collections.deque(maxlen=10)
-    assert process.stdout is not None
-    for line in process.stdout:
-        tail.append(line.rstrip())
-        log_line(line.rstrip())
-    if process.wait() != 0:
+    with subprocess.Popen(["sh", str(script), name], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, errors="replace") as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            tail.append(line.rstrip())
+            log_line(line.rstrip())
+    if process.returncode != 0:
         raise SandboxError(f"building the offline base image failed (exit {process.returncode}): "
                            + " | ".join(tail))
 
