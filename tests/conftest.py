@@ -13,6 +13,9 @@ from rlm_mcp.config import Limits, Settings
 from rlm_mcp.sandbox.local import LocalProvider
 from rlm_mcp.testing.model_server import ScriptedModelServer, secret_needle
 
+# Backend fixtures (docker_provider, daytona_provider) for the contract suite.
+pytest_plugins = ["tests.docker_support", "tests.daytona_support"]
+
 # litellm's OpenAI route insists on a key; the scripted server ignores it. Never a real key.
 os.environ.setdefault("OPENAI_API_KEY", "sk-test-not-a-real-key")
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")

@@ -14,7 +14,7 @@ import pytest
 from rlm_mcp.errors import ModelError, SandboxError
 from rlm_mcp.sandbox import ContextFile, SandboxSpec
 
-BACKENDS = ["local"]
+BACKENDS = ["local", "docker", "daytona"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -212,6 +212,6 @@ async def test_close_is_idempotent_and_a_closed_sandbox_refuses_work(provider, t
 
 
 async def test_a_missing_context_file_fails_start_with_a_clear_error(provider, tmp_path):
-    with pytest.raises(SandboxError, match="cannot load context"):
+    with pytest.raises(SandboxError, match=r"context.*absent\.txt"):
         async with provider.create(spec(ContextFile(tmp_path / "absent.txt"))):
             pass

@@ -402,8 +402,13 @@ class Worker:
             self.repl.max_output_chars = int(job.get("max_output_chars", 20_000))
             try:
                 self.repl.load_context(job.get("context_path"), job.get("context_kind", "text"))
-            except Exception as exc:
-                self.channel.send({"type": "fatal", "error": f"cannot load context: {exc!r}"})
+            except OSError as exc:
+                self.channel.send({"type": "fatal", "error": f"cannot load context file "
+                                   f"{job.get('context_path')}: {exc.strerror or exc}"})
+                return
+            except Exception as exc:  # malformed documents file
+                self.channel.send({"type": "fatal", "error": f"cannot load context file "
+                                   f"{job.get('context_path')}: {exc!r}"})
                 return
             context = self.repl.context
             self.channel.send(
