@@ -3,8 +3,10 @@ container through ``execute()`` and from the engine's side through docker-py."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -421,3 +423,49 @@ def test_build_sandbox_image_is_repeatable_through_the_api(
     assert tag == docker_settings(tmp_path).docker_image
     assert any("Successfully tagged" in line or "built" in line for line in lines), lines
     assert docker_engine.images.get(tag).attrs["Config"]["User"] == "65534:65534"
+
+
+CRASHING_SERVER = """
+import asyncio, os, sys
+from pathlib import Path
+from rlm_mcp.sandbox.base import ContextFile, SandboxSpec
+from rlm_mcp.sandbox.docker import DockerProvider
+from tests.docker_support import docker_settings
+
+async def handler(op, prompt, model):
+    return ""
+
+async def main():
+    provider = DockerProvider(docker_settings(Path(sys.argv[1]), docker_pool_size=1))
+    await provider.warm_up()
+    sandbox = provider.create(SandboxSpec(ContextFile(None), handler))
+    await sandbox.start()
+    await provider.warm_up()
+    print(sandbox.container_id, *provider.pooled_ids(), flush=True)
+    os._exit(0)  # a crash: no close(), no aclose()
+
+asyncio.run(main())
+"""
+
+
+async def test_containers_of_a_crashed_server_exit_and_are_reaped_by_the_next_provider(
+        docker_engine: docker.DockerClient, tmp_path: Path) -> None:
+    crashed = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CRASHING_SERVER, str(tmp_path / "crashed-home"),
+        cwd=Path(__file__).resolve().parents[1], stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(crashed.communicate(), 120)
+    ids = out.decode().split()
+    assert crashed.returncode == 0 and len(ids) == 2, out
+    for container_id in ids:  # the attach stream closed with the server: each worker saw EOF
+        status = await asyncio.to_thread(docker_engine.containers.get(container_id).wait, timeout=30)
+        assert status["StatusCode"] == 0
+    mounts = tmp_path / "crashed-home" / "docker-mounts"
+    left = [p.name for p in mounts.iterdir()]  # host_pid_start; the pid is dead, so no start
+    assert len(left) == 1 and left[0].startswith(mounts_dir_name(crashed.pid)), left
+    provider = DockerProvider(docker_settings(tmp_path / "crashed-home"))
+    try:
+        await provider.warm_up()  # connecting reaps
+    finally:
+        await provider.aclose()
+    assert not any(container_exists(docker_engine, cid) for cid in ids)
+    assert list(mounts.iterdir()) == [], "the crashed server's mount directories are removed"

@@ -454,6 +454,19 @@ class DockerSandbox(WorkerSandbox):
             await asyncio.to_thread(self.provider._remove_volume, volume)
 
 
+def _stream_open(box: _Box) -> bool:
+    """False when a pooled container's attach stream has already ended (its worker is gone)."""
+    sock = box.sock
+    if not isinstance(sock, socket.socket) or isinstance(sock, ssl.SSLSocket):
+        return True  # cannot peek without blocking; a dead worker shows up at init instead
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True  # nothing to read yet: the worker is waiting for init
+    except OSError:
+        return False
+
+
 def _place_context(path: Path | None, mount_dir: Path | None) -> None:
     """Make ``path`` appear as ``data`` in the container's mount directory (link, else copy)."""
     if path is None or mount_dir is None:
@@ -724,12 +737,15 @@ class DockerProvider:
         """A started container for one worker: from the pool when one waits, else a new one."""
         if self.pool_size:
             self._kick_pool()
-            if self._pool:
+            assert self._pool_full is not None and self._pool_wanted is not None
+            while self._pool:
                 box = self._pool.popleft()
-                assert self._pool_full is not None and self._pool_wanted is not None
                 self._pool_full.clear()
                 self._pool_wanted.set()
-                return box
+                if _stream_open(box):
+                    return box
+                log.warning("warm pool: container %s stopped while waiting; discarded", box.short_id)
+                await asyncio.to_thread(self._dispose, box)
         return await asyncio.to_thread(self._create_box, labels=labels)
 
     def _kick_pool(self) -> None:
