@@ -208,7 +208,7 @@ def build_server(services: Services) -> MCPServer:
     @guarded
     async def rlm_list_contexts() -> Annotated[CallToolResult, ContextList]:
         """List the contexts stored on the server, newest first."""
-        contexts = svc().store.list()
+        contexts = await asyncio.to_thread(svc().store.list)
         lines = [f"{c.handle}  {c.kind:9} {c.characters:>14,} chars  {c.name}" for c in contexts]
         summary = f"{len(contexts)} contexts" + (":\n" + "\n".join(lines) if lines else ". Load one with rlm_load_context.")
         return _reply(ContextList(contexts=contexts), summary)
@@ -220,7 +220,7 @@ def build_server(services: Services) -> MCPServer:
         handle: Annotated[str, Field(description="the handle from rlm_load_context")],
     ) -> Annotated[CallToolResult, ContextInfo]:
         """Delete a stored context and free its disk space."""
-        info = svc().store.delete(handle)
+        info = await asyncio.to_thread(svc().store.delete, handle)
         return _reply(info, f"Deleted context {info.handle} ({info.name}).")
 
     @server.tool(title="Read a slice of a context", annotations=read_only)
@@ -264,7 +264,7 @@ def build_server(services: Services) -> MCPServer:
                              limits=services.settings.limits.with_overrides(
                                  max_iterations=max_iterations, max_depth=max_depth,
                                  timeout_s=timeout_s, max_cost_usd=max_cost_usd),
-                             **_context_for(services, handle, handles, context))
+                             **await asyncio.to_thread(_context_for, services, handle, handles, context))
         progress = _ProgressForwarder(ctx)
         run = services.runs.start(request, progress)
         try:

@@ -64,7 +64,10 @@ IGNORED_DIRS = frozenset({
     ".idea", ".vscode", ".gradle", ".next", ".nuxt", ".terraform", ".eggs", ".cache",
 })
 IGNORED_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
-SKIP_KEYS = ("binary", "ignored_dir", "ignored_file", "excluded", "symlink", "outside_roots",
+# Files that usually hold credentials: a directory load would send them to the model provider.
+SECRET_FILES = (".env", ".env.*", "*.pem", "*.key", "*.p12", "*.pfx", "id_rsa*", "id_dsa*", "id_ecdsa*",
+                "id_ed25519*", ".netrc", ".pgpass", ".npmrc", ".pypirc", "*.keystore", "credentials")
+SKIP_KEYS = ("binary", "ignored_dir", "ignored_file", "secret", "excluded", "symlink", "outside_roots",
              "special", "unreadable", "over_file_cap", "over_byte_cap")
 
 _HANDLE_RE = re.compile(r"ctx_[0-9a-f]{16}")
@@ -493,6 +496,8 @@ class _Scan:
                     continue
                 if entry.name in IGNORED_FILES:
                     self.skipped["ignored_file"] += 1
+                elif any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in SECRET_FILES):
+                    self.skipped["secret"] += 1
                 elif (include and not _matches(rel, include)) or (exclude and _matches(rel, exclude)):
                     self.skipped["excluded"] += 1
                 else:
@@ -539,6 +544,8 @@ def _skip_notes(skipped: dict[str, int]) -> list[str]:
         "ignored_dir": ("directory", "skipped by name (.git, node_modules, build, ...; load one by "
                         "its own path to include it)"),
         "ignored_file": ("system file", "skipped (.DS_Store, ...)"),
+        "secret": ("likely secret file", "skipped (.env, *.pem, *.key, id_rsa, ...; load one by its "
+                   "own path to include it)"),
         "excluded": ("file or directory", "left out by include/exclude"),
         "symlink": ("symlink", "skipped (symlinked directories are not followed; broken links)"),
         "outside_roots": ("symlink", "skipped: pointing outside the allowed roots"),

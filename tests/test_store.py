@@ -563,3 +563,16 @@ def test_combine(store: ContextStore, tmp_path: Path) -> None:
         store.combine([])
     with pytest.raises(ContextError, match="unknown context handle"):
         store.combine([text.handle, "ctx_ffffffffffffffff"])
+
+
+def test_directory_skips_likely_secret_files_unless_loaded_by_path(store: ContextStore, tmp_path: Path) -> None:
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "app.py").write_text("print('hi')")
+    for name in (".env", ".env.production", "server.pem", "id_rsa", "id_ed25519.pub"):
+        (folder / name).write_text("SECRET=do-not-send")
+    info = store.load_path(str(folder))
+    assert info.documents == 1 and info.skipped["secret"] == 5
+    assert any("likely secret file" in note for note in info.notes)
+    direct = store.load_path(str(folder / ".env"))
+    assert direct.characters == len("SECRET=do-not-send")

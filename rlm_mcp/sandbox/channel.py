@@ -103,8 +103,11 @@ class WorkerSandbox(Sandbox):
         self._cell_counter += 1
         loop = asyncio.get_running_loop()
         cell = self._cell = loop.create_future()
-        await self._send({"type": "exec", "cell": self._cell_counter, "code": code,
-                          "max_output_chars": self.spec.max_output_chars})
+        try:
+            await self._send({"type": "exec", "cell": self._cell_counter, "code": code,
+                              "max_output_chars": self.spec.max_output_chars})
+        except WorkerGone:
+            self._gone.set()  # handled below like a worker that died mid-cell
         outcome = await self._wait_cell(cell, timeout)
         if outcome is not None:
             result = self._to_result(outcome)
