@@ -9,7 +9,11 @@ Docker backend, so sandboxes/ci-setup-docker.sh has to run first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
+import socketserver
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,8 @@ import pytest_asyncio
 
 from rlm_mcp.config import Settings
 from rlm_mcp.errors import SandboxError
-from rlm_mcp.sandbox.docker import LABEL, LABEL_VALUE, OWNER_LABEL, DockerProvider, connect, owner_token
+from rlm_mcp.sandbox.docker import (LABEL, LABEL_VALUE, OWNER_LABEL, DockerProvider, local_socket_path,
+                                    connect, owner_token)
 
 IMAGE = os.environ.get("RLM_MCP_DOCKER_IMAGE") or Settings().docker_image
 
@@ -97,3 +102,45 @@ async def make_docker_provider(docker_engine: docker.DockerClient,
     yield make
     for provider in made:
         await provider.aclose()
+
+
+class _Pump(socketserver.BaseRequestHandler):
+    """Forwards one TCP connection to the engine's unix socket, half-closes included."""
+
+    engine_socket = "/var/run/docker.sock"
+
+    def handle(self) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as upstream:
+            upstream.connect(self.engine_socket)
+            back = threading.Thread(target=_copy, args=(upstream, self.request), daemon=True)
+            back.start()
+            _copy(self.request, upstream)
+            back.join()
+
+
+def _copy(source: socket.socket, target: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := source.recv(1 << 16):
+            target.sendall(data)
+    with contextlib.suppress(OSError):
+        target.shutdown(socket.SHUT_WR)
+
+
+@pytest.fixture
+def docker_over_tcp(docker_engine: docker.DockerClient, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Point DOCKER_HOST at a loopback TCP forwarder to the local engine, the way a remote
+    engine is reached: host paths cannot be bind-mounted (as far as rlm-mcp can tell)."""
+    engine_socket = local_socket_path()
+    if engine_socket is None:
+        pytest.skip("the engine is not on a unix socket here")
+    handler = type("Pump", (_Pump,), {"engine_socket": engine_socket})
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    address = f"tcp://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("DOCKER_HOST", address)
+    yield address
+    server.shutdown()
+    server.server_close()
+    thread.join()

@@ -19,8 +19,8 @@ from rlm_mcp.sandbox.base import ContextFile, SandboxSpec
 from rlm_mcp.sandbox.docker import (LABEL, LABEL_VALUE, OWNER_LABEL, DockerProvider, DockerSandbox,
                                     build_sandbox_image, mounts_dir_name, owner_token,
                                     reap_leftovers)
-from tests.docker_support import (ProviderFactory, docker_engine, docker_provider,  # noqa: F401
-                                  docker_settings, make_docker_provider)
+from tests.docker_support import (ProviderFactory, docker_engine, docker_over_tcp,  # noqa: F401
+                                  docker_provider, docker_settings, make_docker_provider)
 
 pytestmark = pytest.mark.docker
 
@@ -351,6 +351,21 @@ async def test_context_copied_into_a_volume_for_remote_engines(
         assert await run(sandbox, "print(len(context))") == f"{len(CONTEXT)}\n"
     with pytest.raises(docker.errors.NotFound):
         docker_engine.volumes.get(volume)
+
+
+async def test_engine_reached_over_tcp_gets_the_context_through_a_volume(
+        docker_over_tcp: str, context_file: Path, tmp_path: Path) -> None:
+    provider = DockerProvider(docker_settings(tmp_path / "home", docker_pool_size=2))
+    try:
+        async with provider.create(spec(context_file)) as sandbox:
+            assert provider.context_transfer == "volume" and provider.pool_size == 0
+            out = await run(sandbox, "print(context.splitlines()[0]); print(llm_query('over tcp'))")
+            assert out == "The vault code is XK-42.\nllm_query:8\n"
+            result = await sandbox.execute("while True:\n    pass", timeout=1)
+            assert result.timed_out and not result.state_lost, result.render()
+    finally:
+        await provider.aclose()
+    assert not provider.mounts_dir.exists()
 
 
 async def test_reaping_removes_leftovers_of_dead_servers_but_not_of_live_ones(

@@ -215,7 +215,7 @@ def _docker_errors(action: str, image: str | None = None) -> Iterator[None]:
         raise SandboxError(f"the Docker engine did not answer while trying to {action}: {exc}") from exc
 
 
-def _local_socket_path() -> str | None:
+def local_socket_path() -> str | None:
     """The unix socket the environment points docker-py at (None for TCP, SSH, named pipes)."""
     base = docker.utils.kwargs_from_env().get("base_url")
     if base is None:
@@ -228,7 +228,7 @@ def _local_socket_path() -> str | None:
 
 def connect() -> docker.DockerClient:
     """A client for the engine named by the environment (DOCKER_HOST etc.), checked with a ping."""
-    path = _local_socket_path()
+    path = local_socket_path()
     if path is not None:
         # Checked with our own socket first: docker-py leaks its socket when connecting fails.
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
@@ -239,7 +239,7 @@ def connect() -> docker.DockerClient:
                 raise SandboxError(f"no Docker engine answers at unix://{path} "
                                    f"({exc.strerror or exc}): {NO_ENGINE_HELP}") from exc
     try:
-        client = docker.from_env()
+        client = docker.from_env(max_pool_size=32)  # calls run concurrently from worker threads
         client.ping()
     except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
         raise SandboxError(f"no Docker engine answers ({exc}): {NO_ENGINE_HELP}") from exc
@@ -434,6 +434,7 @@ class DockerSandbox(WorkerSandbox):
         path = self.spec.context.path
         if path is not None and not Path(path).is_file():
             raise SandboxError(f"the context file {path} does not exist (or is not a file)")
+        await asyncio.to_thread(self.provider._prepare)  # decides bind vs volume on first use
         if self.provider.context_transfer == "volume":
             if self._volume is None:
                 self._volume = await asyncio.to_thread(self.provider._make_volume, path)
@@ -765,7 +766,17 @@ class DockerProvider:
         wanted, full = self._pool_wanted, self._pool_full
         failures = 0
         while not self._closed:
-            missing = self.pool_size - len(self._pool)
+            try:
+                await asyncio.to_thread(self._prepare)
+            except SandboxError as exc:
+                if self._closed:
+                    return
+                failures += 1
+                self._pool_error = exc
+                log.warning("warm pool: %s (retrying)", exc)
+                await asyncio.sleep(min(POOL_RETRY_MAX_S, 0.5 * 2 ** failures))
+                continue
+            missing = self.pool_size - len(self._pool)  # 0 once a remote engine means volumes
             if missing <= 0:
                 full.set()
                 wanted.clear()
