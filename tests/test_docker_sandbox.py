@@ -260,6 +260,18 @@ async def test_llm_query_round_trips_large_prompts_through_the_attach_stream(
     assert ("llm_query", "x" * 3_000_000, "small") in handler.calls
 
 
+async def test_context_file_is_hard_linked_when_world_readable_and_copied_when_private(
+        docker_provider: DockerProvider, context_file: Path, docker_engine: docker.DockerClient) -> None:
+    for mode, linked in ((0o644, True), (0o600, False)):
+        context_file.chmod(mode)
+        async with docker_provider.create(spec(context_file)) as sandbox:
+            container = docker_engine.containers.get(sandbox.container_id)
+            mount = next(m["Source"] for m in container.attrs["Mounts"] if m["Destination"] == "/context")
+            assert Path(mount, "data").samefile(context_file) is linked
+            assert await run(sandbox, "print(len(context))") == f"{len(CONTEXT)}\n"
+        assert context_file.stat().st_mode & 0o777 == mode, "the store's file keeps its mode"
+
+
 async def test_missing_context_file_is_a_clear_error(docker_provider: DockerProvider, tmp_path: Path) -> None:
     sandbox = docker_provider.create(spec(tmp_path / "gone.txt"))
     with pytest.raises(SandboxError, match="gone.txt does not exist"):
