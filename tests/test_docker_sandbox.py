@@ -19,8 +19,10 @@ from rlm_mcp.sandbox.base import ContextFile, SandboxSpec
 from rlm_mcp.sandbox.docker import (LABEL, LABEL_VALUE, OWNER_LABEL, DockerProvider, DockerSandbox,
                                     build_sandbox_image, mounts_dir_name, owner_token,
                                     reap_leftovers)
-from tests.docker_support import (ProviderFactory, docker_engine, docker_over_tcp,  # noqa: F401
-                                  docker_provider, docker_settings, make_docker_provider)
+from tests.docker_support import ProviderFactory, docker_settings
+
+# Fixtures (docker_engine, docker_provider, make_docker_provider, docker_over_tcp) come from
+# tests/docker_support.py, registered in conftest.py's pytest_plugins.
 
 pytestmark = pytest.mark.docker
 
