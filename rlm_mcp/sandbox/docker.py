@@ -490,6 +490,11 @@ class DockerProvider:
 
     ``context_transfer`` is ``"bind"`` (host directory bind mount), ``"volume"`` (copy into a
     volume: for remote engines) or None to choose by the engine's address.
+
+    With ``settings.docker_pool_size`` N > 0, N started containers wait for a run; the pool
+    starts filling on the first :meth:`create` (or :meth:`warm_up`, to fill it ahead) and
+    refills in the background. Pooled containers carry the provider's labels only, not the
+    ``spec.labels`` of the run that later takes them (labels are fixed at creation).
     """
 
     name = "docker"
