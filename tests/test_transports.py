@@ -283,7 +283,7 @@ def test_stdio_stdout_carries_nothing_but_json_rpc_and_stdin_eof_stops_the_serve
 # ----- startup --------------------------------------------------------------------------------
 
 
-def test_stdio_startup_to_initialize_result_is_measured(model_server, tmp_path, record_property, request):
+def test_stdio_startup_to_initialize_result_is_measured(model_server, tmp_path, record_property, capsys):
     """Process start to the initialize result, median of 5 (a benchmark figure, not asserted)."""
     times = []
     for attempt in range(5):
@@ -296,12 +296,9 @@ def test_stdio_startup_to_initialize_result_is_measured(model_server, tmp_path, 
     median = statistics.median(times)
     record_property("stdio_startup_s_median", round(median, 3))
     record_property("stdio_startup_s_all", [round(t, 3) for t in times])
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    line = (f"rlm-mcp stdio startup to initialize result: median {median:.2f} s of {len(times)} "
-            f"({', '.join(f'{t:.2f}' for t in times)}) [{' '.join(RLM_MCP)}]")
-    if reporter is not None:
-        reporter.write_line(line)
-    print(line)
+    with capsys.disabled():
+        print(f"\nrlm-mcp stdio startup to initialize result: median {median:.2f} s of {len(times)} "
+              f"({', '.join(f'{t:.2f}' for t in times)}) [{' '.join(RLM_MCP)}]")
 
 
 def test_serving_does_not_import_litellm_or_docker(tmp_path):
