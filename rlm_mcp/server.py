@@ -442,8 +442,15 @@ def http_app(server: MCPServer, settings: Settings, transport: str, host: str) -
     if not is_loopback(host) and not settings.auth_token:
         raise ConfigError(f"refusing to serve on {host}, which is not a loopback address, without a token: "
                           "set RLM_MCP_AUTH_TOKEN (clients then send Authorization: Bearer <token>)")
-    security = None
-    if not is_loopback(host):
+    if is_loopback(host):
+        # The SDK turns DNS-rebinding protection on by itself only for the exact names
+        # 127.0.0.1 / localhost / ::1; any loopback bind (127.0.0.2, ...) gets it explicitly.
+        names = {"127.0.0.1", "localhost", "[::1]", f"[{host}]" if ":" in host else host}
+        security = TransportSecuritySettings(
+            enable_dns_rebinding_protection=True,
+            allowed_hosts=[f"{name}:*" for name in sorted(names)],
+            allowed_origins=[f"http://{name}:*" for name in sorted(names)])
+    else:
         # Host names cannot be known for a public bind; the bearer token is what protects it.
         security = TransportSecuritySettings(enable_dns_rebinding_protection=False)
     if transport == "sse":
