@@ -467,6 +467,9 @@ def serve(settings: Settings, transport: str = "stdio", host: str = "127.0.0.1",
     app = None if transport == "stdio" else http_app(server, settings, transport, host)
 
     async def main() -> None:
+        warm_up = None
+        if settings.docker_pool_size > 0:  # a warm pool is configured: fill it before the first run
+            warm_up = asyncio.create_task(_warm_up(services))
         try:
             if app is None:
                 await server.run_stdio_async()
@@ -480,6 +483,15 @@ def serve(settings: Settings, transport: str = "stdio", host: str = "127.0.0.1",
                                         lifespan="on")
                 await uvicorn.Server(config).serve()
         finally:
+            if warm_up is not None:
+                warm_up.cancel()
             await services.aclose()
 
     asyncio.run(main())
+
+
+async def _warm_up(services: Services) -> None:
+    try:
+        await services.engine.sandboxes.warm_up()
+    except RlmError as exc:  # the first run will report it to the host model
+        log.warning("sandbox warm-up failed: %s", exc)

@@ -50,7 +50,8 @@ def our_leftovers(client: docker.DockerClient) -> list[str]:
     """Containers and volumes labelled as made by this test process."""
     owner = f"{OWNER_LABEL}={owner_token()}"
     names = [f"container {c.short_id} ({c.status})"
-             for c in client.containers.list(all=True, filters={"label": [f"{LABEL}={LABEL_VALUE}", owner]})]
+             for c in client.containers.list(all=True, filters={"label": [f"{LABEL}={LABEL_VALUE}", owner]},
+                                                     ignore_removed=True)]
     names += [f"volume {v.name}" for v in client.volumes.list(filters={"label": owner})]
     return names
 

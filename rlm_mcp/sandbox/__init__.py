@@ -50,6 +50,13 @@ class SandboxRegistry:
             self._providers[key] = getattr(module, class_name)(self.settings)
         return self._providers[key]
 
+    async def warm_up(self, name: str | None = None) -> None:
+        """Let the backend prepare ahead of the first run (e.g. fill Docker's warm pool)."""
+        provider = self.get(name)
+        prepare = getattr(provider, "warm_up", None)
+        if prepare is not None:
+            await prepare()
+
     def register(self, provider: SandboxProvider) -> None:
         """Use this provider for its name (tests and embedders inject their own)."""
         self._providers[provider.name] = provider

@@ -159,7 +159,9 @@ def reap_leftovers(client: docker.DockerClient, mounts_root: Path | None = None)
     Volumes and host mount directories of dead owners on this host are removed too.
     """
     removed = 0
-    for container in client.containers.list(all=True, filters={"label": f"{LABEL}={LABEL_VALUE}"}):
+    # ignore_removed: containers may vanish (auto-remove) between the listing and their inspection
+    for container in client.containers.list(all=True, filters={"label": f"{LABEL}={LABEL_VALUE}"},
+                                            ignore_removed=True):
         owner = container.labels.get(OWNER_LABEL, "")
         if container.status in ("running", "restarting", "paused") and not _owner_is_dead(owner):
             continue
@@ -690,7 +692,8 @@ class DockerProvider:
             return
         # Anything still labelled as ours (e.g. created by a thread that outlived its task).
         with contextlib.suppress(docker.errors.DockerException, requests.exceptions.RequestException):
-            for container in client.containers.list(all=True, filters={"label": f"{PROVIDER_LABEL}={self.provider_id}"}):
+            for container in client.containers.list(all=True, filters={"label": f"{PROVIDER_LABEL}={self.provider_id}"},
+                                                    ignore_removed=True):
                 with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
                     container.remove(force=True)
             for volume in client.volumes.list(filters={"label": f"{PROVIDER_LABEL}={self.provider_id}"}):
