@@ -146,10 +146,13 @@ async def load_complete_and_page(client: Client, path: Path, code: str) -> dict[
 
 
 @pytest.fixture
-def hundred_mb_file(tmp_path: Path) -> Path:
+def hundred_mb_file(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "huge.log"
     write_haystack(path, 100_000_000, "STDIO-100", at=66_123_457)
-    return path
+    yield path
+    # pytest keeps recent tmp dirs: do not leave 200 MB (the file and the store's copy) behind.
+    path.unlink(missing_ok=True)
+    shutil.rmtree(tmp_path / "home", ignore_errors=True)
 
 
 async def test_stdio_answers_over_a_100_mb_file_with_progress_and_a_paged_trajectory(
@@ -493,17 +496,17 @@ def test_loopback_without_a_token_serves_but_refuses_foreign_host_and_origin_hea
                       timeout=30).status_code == 200
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: rlm_mcp/server.py http_app() passes transport_security=None for every loopback host, and the SDK "
-    "turns DNS-rebinding protection on only for exactly 127.0.0.1/localhost/::1; other loopback addresses "
-    "(127.0.0.2, 127.1.2.3) are served tokenless with any Host header"))
 def test_any_loopback_bind_without_a_token_refuses_foreign_host_headers(serve):
+    """Not only the SDK's three names: 127.0.0.2 is loopback too, served tokenless, so it needs
+    the same protection (regression: it once got none)."""
     port = free_port()
     serve("--transport", "http", "--host", "127.0.0.2", "--port", str(port), RLM_MCP_AUTH_TOKEN=None).wait_ready()
     url = f"http://127.0.0.2:{port}/mcp"
     assert httpx.post(url, json=INIT_POST, headers=MCP_HEADERS, timeout=30).status_code == 200
     rebound = httpx.post(url, json=INIT_POST, headers=dict(MCP_HEADERS, Host="evil.example"), timeout=30)
-    assert rebound.status_code == 421
+    assert (rebound.status_code, rebound.text) == (421, "Invalid Host header")
+    cross_site = httpx.post(url, json=INIT_POST, headers=dict(MCP_HEADERS, Origin="http://evil.example"), timeout=30)
+    assert cross_site.status_code == 403
 
 
 # ----- rlm-mcp run ----------------------------------------------------------------------------
