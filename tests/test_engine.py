@@ -256,3 +256,15 @@ async def test_trajectory_uses_the_reference_format_and_never_holds_the_context(
     assert len(iterations[1]["code_blocks"][0]["result"]["rlm_calls"]) == result.subcalls
     assert marker not in raw
     assert len(raw) < 50_000
+
+
+@pytest.mark.parametrize("backend", ["docker", "daytona"])
+async def test_a_run_goes_the_same_way_in_the_other_sandbox_backends(settings, tmp_path, request, backend):
+    provider = request.getfixturevalue(f"{backend}_provider")
+    engine = RlmEngine(replace(settings, sandbox=backend, limits=replace(settings.limits, max_depth=2)))
+    engine.sandboxes.register(provider)
+    result = await engine.run(replace(text_request(tmp_path, haystack(900_000, "BOX-3")),
+                                      model="openai/recursive"))
+    assert (result.status, result.answer) == ("completed", "BOX-3")
+    meta, _ = read_trajectory(Path(result.trajectory_path))
+    assert meta["environment_type"] == backend
