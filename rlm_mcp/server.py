@@ -265,17 +265,12 @@ def build_server(services: Services) -> MCPServer:
                                  max_iterations=max_iterations, max_depth=max_depth,
                                  timeout_s=timeout_s, max_cost_usd=max_cost_usd),
                              **await asyncio.to_thread(_context_for, services, handle, handles, context))
-        progress = _ProgressForwarder(ctx)
-        run = services.runs.start(request, progress)
+        run = services.runs.start(request)
         try:
-            run = await services.runs.wait(run.run_id, wait_s)
+            run = await _wait_with_progress(services, run, ctx, wait_s)
         except asyncio.CancelledError:
             await services.runs.cancel(run.run_id)
             raise
-        finally:
-            with contextlib.suppress(ValueError):
-                run.listeners.remove(progress)
-            await progress.drain()
         result = _complete_result(run)
         return _reply(result, _complete_summary(result), ANSWER_META)
 
@@ -296,15 +291,7 @@ def build_server(services: Services) -> MCPServer:
                 raise
             result = _finished(stored)
             return _reply(result, _complete_summary(result), ANSWER_META)
-        progress = _ProgressForwarder(ctx)
-        run.listeners.append(progress)
-        try:
-            run = await services.runs.wait(run_id, wait_s)
-        finally:
-            with contextlib.suppress(ValueError):
-                run.listeners.remove(progress)
-            await progress.drain()
-        result = _complete_result(run)
+        result = _complete_result(await _wait_with_progress(services, run, ctx, wait_s))
         return _reply(result, _complete_summary(result), ANSWER_META)
 
     @server.tool(title="Cancel a run", annotations=ToolAnnotations(destructive_hint=True, open_world_hint=False))
@@ -380,6 +367,18 @@ def _context_for(services: Services, handle: str | None, handles: list[str] | No
                               "load it with rlm_load_context (path, url or text) and pass the handle")
         info = store.load_text(context, name="inline context")
     return {"context": store.context_file(info.handle), "shape": shape_of(info)}
+
+
+async def _wait_with_progress(services: Services, run: Run, ctx: Context, wait_s: float) -> Run:
+    """Wait up to wait_s for a run, relaying its progress to this tool call meanwhile."""
+    progress = _ProgressForwarder(ctx)
+    run.listeners.append(progress)
+    try:
+        return await services.runs.wait(run.run_id, wait_s)
+    finally:
+        with contextlib.suppress(ValueError):
+            run.listeners.remove(progress)
+        await progress.drain()
 
 
 class _ProgressForwarder:

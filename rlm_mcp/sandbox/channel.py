@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,21 @@ log = logging.getLogger(__name__)
 
 WORKER_SCRIPT = Path(__file__).with_name("worker.py")
 MAX_CALLS_IN_FLIGHT = 64  # per worker: bounds host memory held by prompts read off the channel
+
+
+def describe_stop(exit_code: int | None, signal_number: int | None, stderr_tail: Iterable[str]) -> str:
+    """'killed by SIGKILL: <last stderr lines>' / 'exit code 3' / 'the worker stopped answering'."""
+    if signal_number is not None:
+        try:
+            reason = f"killed by {signal.Signals(signal_number).name}"
+        except ValueError:
+            reason = f"killed by signal {signal_number}"
+    elif exit_code is None:
+        reason = "the worker stopped answering"
+    else:
+        reason = f"exit code {exit_code}"
+    tail = [line for line in stderr_tail if line.strip()][-3:]
+    return reason + (": " + " | ".join(tail) if tail else "")
 
 
 class WorkerGone(Exception):

@@ -42,7 +42,6 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import socket
 import ssl
 import stat
@@ -67,7 +66,7 @@ from docker.types import LogConfig, Mount, Ulimit
 from rlm_mcp.config import Settings
 from rlm_mcp.errors import RlmError, SandboxError
 from rlm_mcp.sandbox.base import Sandbox, SandboxSpec
-from rlm_mcp.sandbox.channel import WORKER_SCRIPT, WorkerGone, WorkerSandbox, WorkerTransport
+from rlm_mcp.sandbox.channel import WORKER_SCRIPT, WorkerGone, WorkerSandbox, WorkerTransport, describe_stop
 
 log = logging.getLogger(__name__)
 
@@ -398,18 +397,15 @@ class DockerTransport(WorkerTransport):
         state = self.state or {}
         code = state.get("ExitCode")
         if state.get("OOMKilled"):
-            reason = f"killed for exceeding the sandbox memory limit ({self.provider.settings.sandbox_memory_mb} MB)"
-        elif state.get("Running") or code is None:
-            reason = "the worker stopped answering"
-        elif code > 128:
-            try:
-                reason = f"killed by {signal.Signals(code - 128).name}"
-            except ValueError:
-                reason = f"exit code {code}"
-        else:
-            reason = f"exit code {code}"
-        tail = [line for line in self.stderr_tail if line.strip()][-3:]
-        return reason + (": " + " | ".join(tail) if tail else "")
+            limit = self.provider.settings.sandbox_memory_mb
+            tail = [line for line in self.stderr_tail if line.strip()][-3:]
+            return f"killed for exceeding the sandbox memory limit ({limit} MB)" + (
+                ": " + " | ".join(tail) if tail else "")
+        if state.get("Running") or code is None:
+            return describe_stop(None, None, self.stderr_tail)
+        if code > 128:  # the shell convention docker reports for a signal
+            return describe_stop(None, code - 128, self.stderr_tail)
+        return describe_stop(code, None, self.stderr_tail)
 
 
 class DockerSandbox(WorkerSandbox):

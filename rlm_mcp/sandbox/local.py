@@ -20,7 +20,7 @@ import tempfile
 from rlm_mcp.config import Settings
 from rlm_mcp.errors import SandboxError
 from rlm_mcp.sandbox.base import Sandbox, SandboxSpec
-from rlm_mcp.sandbox.channel import WORKER_SCRIPT, WorkerGone, WorkerSandbox, WorkerTransport
+from rlm_mcp.sandbox.channel import WORKER_SCRIPT, WorkerGone, WorkerSandbox, WorkerTransport, describe_stop
 
 LINE_LIMIT = 1 << 30  # one protocol line may carry a large prompt; memory is bounded by the worker
 STDERR_TAIL_LINES = 20
@@ -101,17 +101,9 @@ class LocalTransport(WorkerTransport):
 
     def describe_exit(self) -> str:
         code = self.process.returncode
-        if code is None:
-            reason = "the worker stopped answering"
-        elif code < 0:
-            try:
-                reason = f"killed by {signal.Signals(-code).name}"
-            except ValueError:
-                reason = f"killed by signal {-code}"
-        else:
-            reason = f"exit code {code}"
-        tail = [line for line in self.stderr_tail if line.strip()][-3:]
-        return reason + (": " + " | ".join(tail) if tail else "")
+        if code is not None and code < 0:
+            return describe_stop(None, -code, self.stderr_tail)
+        return describe_stop(code, None, self.stderr_tail)
 
 
 class LocalSandbox(WorkerSandbox):
