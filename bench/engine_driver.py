@@ -49,6 +49,16 @@ async def run(spec: dict) -> None:
     engine = RlmEngine(settings)
     limits = settings.limits.with_overrides(max_depth=spec.get("max_depth"))
     try:
+        # One trivial run first (the runner scripts a FINAL reply for model "warmup"), as the MCP
+        # path does: litellm is imported lazily on the first model call.
+        emit("warmup")
+        if sys.stdin.readline().strip() != "go":
+            return
+        tiny = store.load_text("x", name="warm-up")
+        began = time.perf_counter()
+        warm = await engine.run(RunRequest(query="warm up", context=store.context_file(tiny.handle),
+                                           shape=shape_of(tiny), model="openai/warmup", sandbox=spec["sandbox"]))
+        emit("warmed", first_call_s=time.perf_counter() - began, status=warm.status)
         for _ in range(spec["repeats"]):
             emit("ready")
             if sys.stdin.readline().strip() != "go":

@@ -52,7 +52,7 @@ FANOUT = 256
 DRIVER_TIMEOUT_S = 900.0
 
 TASK_SCENARIOS = ("needle-1mb", "needle-10mb", "needle-100mb", "docs-1000", "recursive-depth2")
-MICRO_SCENARIOS = ("micro-initialize", "micro-sandbox", "micro-fanout", "micro-load-1gb")
+MICRO_SCENARIOS = ("micro-initialize", "micro-sandbox", "micro-subcall", "micro-fanout", "micro-load-1gb")
 ALL_SCENARIOS = TASK_SCENARIOS + MICRO_SCENARIOS
 SYSTEMS = ("rlm-mcp/local", "rlm-mcp/docker", "rlm-mcp/daytona-emulator", "rlm-mcp-api/local",
            "reference/local", "reference/docker")
@@ -209,7 +209,7 @@ class Bench:
     def run_driver(self, task: Task, system: str, command: list[str], env: dict[str, str],
                    watch: Any, sandbox_method: str | None, process_label: str) -> None:
         repeats: list[dict[str, Any]] = []
-        load_s = peak = None
+        load_s = peak = first_call_s = None
         driver = DriverProcess(command, env=env, cwd=str(self.work))
         done = 0
         try:
@@ -221,6 +221,11 @@ class Bench:
                     kind = event.get("event")
                     if kind == "loaded":
                         load_s = event.get("load_s")
+                    elif kind == "warmup":
+                        self.model.script("warmup", ["FINAL(ok)"])
+                        driver.go()
+                    elif kind == "warmed":
+                        first_call_s = event.get("first_call_s")
                     elif kind == "ready":
                         self.model.reset_stats()
                         driver.go()
@@ -243,7 +248,8 @@ class Bench:
             repeats.append({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
         finally:
             driver.close()
-        self.record(task, system, repeats, load_s=load_s, process_peak_mb=peak, process_label=process_label,
+        self.record(task, system, repeats, load_s=load_s, first_call_s=first_call_s, process_peak_mb=peak,
+                    process_label=process_label,
                      sandbox_peak_mb=(watch.peak_mb if watch is not None else None),
                      sandboxes_seen=(watch.count if watch is not None else 0),
                      sandbox_memory_method=sandbox_method)
@@ -378,10 +384,11 @@ class Bench:
                            "detail": detail})
         self.micro.append({"micro": "per-cell overhead (empty cell)", "system": name, "value": r["cell_ms"],
                            "unit": "ms", "detail": detail})
-        self.micro.append({"micro": "llm_query round trip (cell with one call minus empty cell)", "system": name,
-                           "value": r["llm_query_rtt_ms"], "unit": "ms",
-                           "detail": detail + ("; host handler answers at once" if name.startswith("rlm-mcp")
-                                               else f"; via the model server ({self.args.latency_ms:g} ms latency)")})
+        self.micro.append({"micro": "llm_query round trip, sandbox level (cell with one call minus empty cell)",
+                           "system": name, "value": r["llm_query_rtt_ms"], "unit": "ms",
+                           "detail": detail + ("; an in-process handler answers at once (no model client)"
+                                               if name.startswith("rlm-mcp")
+                                               else "; its LM handler and OpenAI client to the model server at 0 ms")})
         if "batched_100_ms" in r:
             self.micro.append({"micro": "llm_query_batched of 100, instant handler", "system": name,
                                "value": r["batched_100_ms"], "unit": "ms", "detail": detail})
@@ -420,6 +427,7 @@ class Bench:
         spec_path.write_text(json.dumps(spec))
         driver = DriverProcess(reference.driver_command(spec_path), env=reference.driver_env(), cwd=str(self.work))
         system = f"reference/{environment}"
+        saved, self.model.latency_s = self.model.latency_s, 0.0  # its llm_query goes to the model server
         try:
             while True:
                 event = driver.next_event(DRIVER_TIMEOUT_S)
@@ -435,35 +443,67 @@ class Bench:
         except Exception as exc:
             self.micro.append({"micro": "sandbox", "system": system, "error": f"{type(exc).__name__}: {exc}"})
         finally:
+            self.model.latency_s = saved
             driver.close()
             shutil.rmtree(workspace, ignore_errors=True)
+
+    async def _scripted(self, name: str, policy: str, reply: str, systems: tuple[str, ...],
+                        latency_s: float | None = None) -> list[tuple[str, dict[str, Any]]]:
+        """Run one scripted root reply (a single cell) on each system; (system, repeat) pairs."""
+        task = Task(name, policy, name, "", repeats=1)
+        tiny = self.work / f"{name}-context.txt"
+        tiny.write_text("x", encoding="utf-8")
+        task.context_path = tiny
+        out = []
+        saved = self.model.latency_s
+        try:
+            if latency_s is not None:
+                self.model.latency_s = latency_s
+            for system in systems:
+                if not self.wants_system(system) or system in self.unavailable:
+                    continue
+                self.model.script(policy, [reply])
+                before = len(self.records)
+                kind, _, where = system.partition("/")
+                if kind == "rlm-mcp":
+                    await self.run_mcp(task, where)
+                else:
+                    await asyncio.to_thread(self.run_reference, task, where)
+                rec = self.records.pop(before)  # reported as a micro figure, not a task row
+                rep = rec["repeats"][0] if rec["repeats"] else {"error": rec.get("skipped") or "no result"}
+                out.append((system, rep))
+        finally:
+            self.model.latency_s = saved
+        return out
 
     async def micro_fanout(self) -> None:
         """One cell asking llm_query_batched for FANOUT tiny prompts: how many are in flight."""
         reply = ("```repl\nr = llm_query_batched(['ping %d' % i for i in range(" + str(FANOUT) + ")])\n"
                  "answer['content'] = str(len(r))\nanswer['ready'] = True\n```")
-        task = Task("micro-fanout", "fanout", "fan out", str(FANOUT), repeats=1)
-        tiny = self.work / "fanout-context.txt"
-        tiny.write_text("x", encoding="utf-8")
-        task.context_path = tiny
-        for system in ("rlm-mcp/local", "reference/local"):
-            if not self.wants_system(system) or system in self.unavailable:
-                continue
-            self.model.script("fanout", [reply])
-            before = len(self.records)
-            if system.startswith("rlm-mcp"):
-                await self.run_mcp(task, "local")
-            else:
-                await asyncio.to_thread(self.run_reference, task, "local")
-            rec = self.records.pop(before)  # reported as a micro figure, not a task row
-            rep = rec["repeats"][0] if rec["repeats"] else {}
-            self.micro.append({"micro": f"sub-calls in flight ({FANOUT} prompts in one llm_query_batched, "
+        for system, rep in await self._scripted("micro-fanout", "fanout", reply, ("rlm-mcp/local", "reference/local")):
+            ok = rep.get("wall_s") is not None and rep.get("answer") == str(FANOUT)
+            self.micro.append({"micro": f"most sub-calls in flight ({FANOUT} prompts in one llm_query_batched, "
                                         f"{self.args.latency_ms:g} ms each)", "system": system,
-                               "value": rep.get("max_in_flight"), "unit": "calls",
-                               "detail": (f"cell+run {rep['wall_s']:.2f} s, {rep.get('sub_calls')} sub-calls, "
-                                          f"answer {'ok' if rep.get('correct') else repr(rep.get('answer'))}")
-                               if rep.get("wall_s") else (rep.get("error") or "failed")})
-            self.model.script("fanout", [])
+                               "value": rep.get("max_in_flight") if ok else None, "unit": "calls",
+                               "detail": (f"whole run {rep['wall_s']:.2f} s, {rep.get('sub_calls')} sub-calls"
+                                          if ok else _cell(rep.get("error") or f"answer {rep.get('answer')!r}"))})
+
+    async def micro_subcall(self) -> None:
+        """20 sequential llm_query calls timed inside the cell, model answering at once: the whole
+        sub-call path (sandbox -> host -> model client -> HTTP -> back) per call."""
+        reply = ("```repl\nimport time\nt = time.perf_counter()\nfor i in range(20):\n    r = llm_query('ping')\n"
+                 "answer['content'] = '%.3f' % ((time.perf_counter() - t) / 20 * 1000)\nanswer['ready'] = True\n```")
+        systems = ("rlm-mcp/local", "rlm-mcp/docker", "reference/local", "reference/docker")
+        for system, rep in await self._scripted("micro-subcall", "rtt", reply, systems, latency_s=0.0):
+            try:
+                value = float(rep.get("answer") or "")
+            except ValueError:
+                value = None
+            self.micro.append({"micro": "llm_query round trip end to end (model server at 0 ms)", "system": system,
+                               "value": value, "unit": "ms",
+                               "detail": "mean of 20 sequential llm_query calls timed inside one cell: sandbox to "
+                                         "host, model client, HTTP to the model server and back" if value is not None
+                               else _cell(rep.get("error") or f"answer {rep.get('answer')!r}")})
 
     async def micro_load(self) -> None:
         from bench.store_micro import generate  # colleagues' generator: varied UTF-8 text with \r\n
@@ -503,13 +543,13 @@ def build_tasks(args: argparse.Namespace, work: Path) -> list[Task]:
     tasks: list[Task] = []
     sizes = {"needle-1mb": 1, "needle-10mb": 10, "needle-100mb": 100}
     for name, size in sizes.items():
-        if not selected(args, name):
-            continue
-        actual = size if not args.quick else min(size, 2)
+        if not selected(args, name) or (args.quick and size > 1 and not named(args, name)):
+            continue  # quick mode: the 1 MB needle only, unless a bigger one is asked for by name
+        actual = size
         path = work / f"{name}.txt"
         code = f"NDL-{size}M-7Q"
         common.write_haystack(path, actual * MB, code)
-        note = f"{actual} MB" + (f" (quick mode; {size} MB in the full run)" if actual != size else "")
+        note = f"{actual} MB"
         repeats = big if size >= 100 else small
         task = Task(name, "needle", QUERY, code, context_path=path, size_note=note, repeats=repeats)
         if size >= 100 and not args.quick and not args.repeats:
@@ -534,6 +574,10 @@ def build_tasks(args: argparse.Namespace, work: Path) -> list[Task]:
 
 def selected(args: argparse.Namespace, name: str) -> bool:
     return not args.scenarios or any(name == s or name.startswith(s) for s in args.scenarios)
+
+
+def named(args: argparse.Namespace, name: str) -> bool:
+    return bool(args.scenarios) and name in args.scenarios
 
 
 # ----- report ----------------------------------------------------------------------------------------
@@ -684,7 +728,7 @@ def _cell(text: Any) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="small sizes (needle 2 MB max, 100 documents, 64 MB load) and 1 repeat")
+                        help="small work (1 MB needle only unless named, 100 documents, 64 MB load) and 1 repeat")
     parser.add_argument("--scenarios", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                         help=f"comma-separated names or prefixes of: {', '.join(ALL_SCENARIOS)}")
     parser.add_argument("--systems", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
@@ -714,7 +758,8 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             for task in tasks:
                 await bench.run_task(task)
             for name, fn in (("micro-initialize", bench.micro_initialize), ("micro-sandbox", bench.micro_sandbox),
-                             ("micro-fanout", bench.micro_fanout), ("micro-load-1gb", bench.micro_load)):
+                             ("micro-subcall", bench.micro_subcall), ("micro-fanout", bench.micro_fanout),
+                             ("micro-load-1gb", bench.micro_load)):
                 if selected(args, name):
                     log.info("scenario %s", name)
                     try:
@@ -789,8 +834,10 @@ def standing_notes(args: argparse.Namespace, bench: Bench) -> list[str]:
         "noise to wall times; compare ratios within the run.",
     ]
     if args.quick:
-        notes.append("QUICK MODE: sizes shrunk (needles 2 MB max, 100 documents, 1 MB recursion, 64 MB load file) "
-                     "and 1 repeat; targets are evaluated on the shrunk sizes and do not stand for the full run.")
+        notes.append("QUICK MODE: smaller work (only the 1 MB needle unless a bigger one is named in --scenarios; "
+                     "100 documents instead of 1,000; 1 MB recursion instead of 2 MB; a 64 MB load file instead "
+                     "of 1 GB; fewer micro iterations) and 1 repeat; targets are then evaluated on the sizes that "
+                     "ran and do not stand for the full run.")
     for system, reason in bench.unavailable.items():
         notes.append(f"{system} cannot run: {reason}")
     return notes
