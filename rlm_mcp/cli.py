@@ -117,22 +117,26 @@ class _Progress:
 
 async def _run(settings: Settings, args: argparse.Namespace) -> int:
     from rlm_mcp.engine import RlmEngine, RunRequest
+    from rlm_mcp.prompts import ContextShape
     from rlm_mcp.runs import shape_of
+    from rlm_mcp.sandbox import ContextFile
     from rlm_mcp.store import ContextStore
 
     limits = settings.limits.with_overrides(**{name: getattr(args, name) for name in (
         "max_iterations", "max_depth", "cell_timeout_s", "timeout_s", "max_subcalls", "max_tokens",
         "max_cost_usd", "max_output_chars", "max_concurrency")})
     settings = replace(settings, limits=limits)
+    engine = RlmEngine(settings)
+    # Check the model, sub-model and sandbox before copying a possibly huge input into the store.
+    engine.prepare(RunRequest(query=args.question, context=ContextFile(None), shape=ContextShape("text", 0),
+                              model=args.model, sub_model=args.sub_model, sandbox=args.sandbox, limits=limits))
     store = ContextStore(settings)
     if args.context == "-":
         info = store.load_stream(sys.stdin.buffer, name="stdin", source="stdin")
     else:
         info = store.load_path(args.context, include=args.include, exclude=args.exclude)
-    engine = RlmEngine(settings)
     request = RunRequest(query=args.question, context=store.context_file(info.handle), shape=shape_of(info),
                          model=args.model, sub_model=args.sub_model, sandbox=args.sandbox, limits=limits)
-    engine.prepare(request)
     progress = _Progress()
     try:
         result = await engine.run(request, on_event=progress)
@@ -146,10 +150,14 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
     cost = f", ${result.cost_usd:.4f}" if result.cost_usd is not None else ""
     print(f"rlm-mcp: {result.status}"
           + (f" ({result.limit})" if result.limit else "")
-          + f" after {result.iterations} iterations, {result.subcalls} sub-calls, "
+          + f" after {_count(result.iterations, 'iteration')}, {_count(result.subcalls, 'sub-call')}, "
             f"{result.input_tokens + result.output_tokens:,} tokens{cost}, {result.elapsed_s:.1f} s",
           file=sys.stderr)
     if result.error:
         print(f"rlm-mcp: {result.error}", file=sys.stderr)
     print(f"rlm-mcp: trajectory: {result.trajectory_path}", file=sys.stderr)
     return 0 if result.status == "completed" else 1
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number:,} {noun}" + ("" if number == 1 else "s")

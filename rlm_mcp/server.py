@@ -478,8 +478,10 @@ def serve(settings: Settings, transport: str = "stdio", host: str = "127.0.0.1",
                 path = "/sse" if transport == "sse" else "/mcp"
                 log.info("rlm-mcp %s on http://%s:%d%s%s", transport, host, port, path,
                          " (bearer token required)" if settings.auth_token else "")
+                # log_config=None: uvicorn logs through our stderr handler (its default puts the
+                # access log on stdout, which belongs to the protocol on stdio).
                 config = uvicorn.Config(app, host=host, port=port, log_level=settings.log_level.lower(),
-                                        lifespan="on")
+                                        lifespan="on", log_config=None)
                 await uvicorn.Server(config).serve()
         finally:
             if warm_up is not None:
