@@ -35,6 +35,15 @@ def settings(tmp_path: Path, model_server: ScriptedModelServer) -> Settings:
                     limits=Limits(cell_timeout_s=20, timeout_s=120))
 
 
+@pytest.fixture
+def recording(model_server: ScriptedModelServer) -> Iterator[ScriptedModelServer]:
+    """The model server with fresh stats that keep every request body."""
+    model_server.reset_stats()
+    model_server.record_requests(True)
+    yield model_server
+    model_server.record_requests(False)
+
+
 @pytest.fixture(scope="session")
 def local_provider() -> LocalProvider:
     return LocalProvider(Settings(sandbox_memory_mb=1024))

@@ -44,12 +44,6 @@ def sent_user_messages(server: ScriptedModelServer, model: str) -> list[str]:
     return [body["messages"][-1]["content"] for body in server.stats.requests if body["model"] == model]
 
 
-@pytest.fixture
-def recording(model_server: ScriptedModelServer):
-    model_server.reset_stats()
-    model_server.record_requests(True)
-    yield model_server
-    model_server.record_requests(False)
 
 
 async def test_needle_in_a_multi_megabyte_haystack_is_found(settings, tmp_path, recording):
