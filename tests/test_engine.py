@@ -116,7 +116,9 @@ async def test_cost_is_priced_from_litellm_tables_and_max_cost_ends_the_run(sett
     full = await run(priced, text_request(tmp_path, haystack(900_000)))
     assert full.status == "completed" and full.cost_usd is not None and full.cost_usd > 0
     assert full.usage["openai/gpt-4o-mini"].cost_usd == pytest.approx(full.cost_usd)
-    capped = await run(with_limits(priced, max_cost_usd=full.cost_usd / 10), text_request(tmp_path, haystack(900_000)))
+    # The budget is checked before each call; calls already in flight can overshoot it, so one at a time here.
+    capped = await run(with_limits(priced, max_cost_usd=full.cost_usd / 10, max_concurrency=1),
+                       text_request(tmp_path, haystack(900_000)))
     assert (capped.status, capped.limit) == ("limit_reached", "max_cost_usd")
 
 
