@@ -52,6 +52,21 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
+def failed_subcalls(trajectory: object) -> tuple[int, str | None]:
+    """Sub-calls (llm_query / child RLMs) of the root whose reply is an error string."""
+    count, sample = 0, None
+    if not isinstance(trajectory, dict):
+        return 0, None
+    for iteration in trajectory.get("iterations") or []:
+        for block in iteration.get("code_blocks") or []:
+            for call in (block.get("result") or {}).get("rlm_calls") or []:
+                response = call.get("response") if isinstance(call, dict) else None
+                if isinstance(response, str) and response.startswith("Error"):
+                    count += 1
+                    sample = sample or response[:200]
+    return count, sample
+
+
 def run_tasks(spec: dict) -> None:
     from rlm import RLM
     from rlm.logger import RLMLogger
@@ -72,8 +87,9 @@ def run_tasks(spec: dict) -> None:
             began = time.perf_counter()
             completion = rlm.completion(context, root_prompt=spec["query"])
             wall = time.perf_counter() - began
+            errors, sample = failed_subcalls(completion.metadata)
             emit("result", ok=True, answer=completion.response, wall_s=wall, load_s=load_s,
-                 trajectory_bytes=dir_bytes(log_dir))
+                 trajectory_bytes=dir_bytes(log_dir), subcall_errors=errors, subcall_error_sample=sample)
         except Exception as exc:  # reported, not raised: the runner records it in the table
             emit("result", ok=False, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()[-2000:],
                  load_s=load_s)

@@ -113,6 +113,9 @@ class Bench:
             "correct": sum(1 for r in ok if r.get("correct")),
             "expected": task.expected,
             "error": next((r.get("error") for r in repeats if not r.get("ok")), None),
+            "subcall_errors": max((r.get("subcall_errors") or 0 for r in ok), default=0),
+            "subcall_error_sample": next((r["subcall_error_sample"] for r in ok if r.get("subcall_error_sample")),
+                                         None),
         }
         rec.update(extra)
         self.records.append(rec)
@@ -234,7 +237,9 @@ class Bench:
                         answer = (event.get("answer") or "").strip()
                         rep = {"ok": bool(event.get("ok")), "wall_s": event.get("wall_s"), "answer": answer,
                                "correct": answer == task.expected, "error": event.get("error"),
-                               "trajectory_bytes": event.get("trajectory_bytes"), **self.stats()}
+                               "trajectory_bytes": event.get("trajectory_bytes"),
+                               "subcall_errors": event.get("subcall_errors"),
+                               "subcall_error_sample": event.get("subcall_error_sample"), **self.stats()}
                         if event.get("load_s") is not None:
                             load_s = event["load_s"]
                             rep["load_s"] = event["load_s"]
@@ -623,13 +628,22 @@ def targets(records: list[dict[str, Any]], quick: bool) -> list[dict[str, Any]]:
             row.update(verdict="NOT MEASURED", detail=f"no result for {' and '.join(missing)}")
         else:
             a, b = _pick(mine, key), _pick(ref, key)
-            if a is None or b is None or not b:
+            broken = [(label, rec) for label, rec in (("rlm-mcp", mine), ("reference", ref)) if rec.get("subcall_errors")]
+            holds_anyway = (a is not None and b and [label for label, _ in broken] == ["reference"]
+                            and a / b <= limit)  # the reference did less work and still used more
+            if broken and key in ("prompt_chars", "trajectory_bytes", "wall_median") and not holds_anyway:
+                label, rec = broken[0]
+                row.update(verdict="NOT COMPARABLE", mine=a, reference=b,
+                           detail=f"{fmt.format(a)} vs {fmt.format(b)}, but {label} did less work: up to "
+                                  f"{rec['subcall_errors']} sub-calls per run failed ({rec['subcall_error_sample']})")
+            elif a is None or b is None or not b:
                 row.update(verdict="NOT MEASURED", detail=f"{what} missing")
             else:
                 ratio = a / b
                 passed = ratio <= limit
                 row.update(mine=a, reference=b, ratio=ratio, verdict="PASS" if passed else "FAIL",
-                           detail=f"{fmt.format(a)} vs {fmt.format(b)} = {ratio:.3f}x (limit {limit:g}x)")
+                           detail=f"{fmt.format(a)} vs {fmt.format(b)} = {ratio:.3f}x (limit {limit:g}x)"
+                           + (" although the reference's run had failed sub-calls" if broken else ""))
         out.append(row)
 
     if needle:
@@ -697,7 +711,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {vs} | {_num(rec.get('load_s'), '{:.2f}')} | {_num(rec.get('process_peak_mb'))} | {sandbox} "
             f"| {_num(rec.get('subcalls'))} | {_num(rec.get('max_in_flight'))} | {_num(rec.get('prompt_chars'))} "
             f"| {_size(rec.get('trajectory_bytes'))} | {rec['correct']}/{rec['n']}"
-            + (f" ({_cell(rec['error'])})" if rec.get("error") else "") + " |")
+            + (f" ({_cell(rec['error'])})" if rec.get("error") else "")
+            + (f"; up to {rec['subcall_errors']} failed sub-calls per run: {_cell(rec['subcall_error_sample'])[:120]}"
+               if rec.get("subcall_errors") else "") + " |")
     lines += ["", "## Targets (ratios measured in this run)", "", "| target | measured | verdict |", "|---|---|---|"]
     for t in report["targets"]:
         lines.append(f"| {t['target']} | {t['detail']} | **{t['verdict']}** |")
@@ -785,7 +801,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
 
 async def setup(bench: Bench) -> None:
     args = bench.args
-    if args.reference:
+    if args.reference and (bench.wants_system("reference/local") or bench.wants_system("reference/docker")):
         try:
             python, version = await asyncio.to_thread(reference.ensure_venv, args.reinstall_reference)
             bench.machine["rlms_version"] = version
