@@ -845,6 +845,13 @@ def standing_notes(args: argparse.Namespace, bench: Bench) -> list[str]:
         "RLMLogger(log_dir=...) output).",
         "Repeats: 3 (1 and 10 MB needles, documents, recursion), 2 for the 100 MB needle; rlm-mcp serves every "
         "repeat from one server process, the reference runs every repeat in one driver process.",
+        "The scripted model server now disables Nagle's algorithm; before, every call on a kept-alive "
+        "connection waited ~40 ms for a delayed ACK, so older figures (design notes section 2) include that "
+        "artifact for both implementations.",
+        "The reference's Docker image has no pip: its start-up `pip install dill requests` fails at once (the "
+        "packages come from Debian), so its Docker figures exclude any package download.",
+        "First rlm_complete on a fresh server pays the lazy litellm import (see micro table); timed repeats "
+        "follow one warm-up run, as the reference's timed calls follow its imports.",
         f"Load average at start {bench.machine.get('load_avg_at_start')}, at end "
         f"{bench.machine.get('load_avg_at_end')}: other work on this 2-core machine (concurrent test runs) adds "
         "noise to wall times; compare ratios within the run.",
@@ -874,7 +881,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "LiteLLM", "litellm", "docker", "urllib3", "daytona", "mcp", "aiohttp"):
+    for noisy in ("httpx", "LiteLLM", "litellm", "docker", "urllib3", "daytona", "mcp", "aiohttp", "rlm_mcp",
+                  "daytona_emulator"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     report = asyncio.run(amain(args))
