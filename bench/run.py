@@ -356,9 +356,6 @@ class Bench:
         if self.wants_system("rlm-mcp/local"):
             providers.append(("rlm-mcp/local", LocalProvider(Settings())))
         docker_ok = self.wants_system("rlm-mcp/docker") and "rlm-mcp/docker" not in self.unavailable
-        if docker_ok:
-            from rlm_mcp.sandbox.docker import DockerProvider
-            providers.append(("rlm-mcp/docker (cold)", DockerProvider(Settings(docker_pool_size=0))))
         if self.wants_system("rlm-mcp/daytona") and self.emulator is not None:
             from rlm_mcp.sandbox.daytona import DaytonaProvider
             providers.append(("rlm-mcp/daytona-emulator", DaytonaProvider(Settings(
@@ -372,7 +369,7 @@ class Bench:
             finally:
                 await provider.aclose()
         if docker_ok:
-            await self._micro_warm_pool(context, starts)
+            await self._micro_docker(cells, starts)
         for environment in ("local", "docker"):
             system = f"reference/{environment}"
             if not self.wants_system(system):
@@ -398,30 +395,26 @@ class Bench:
             self.micro.append({"micro": "llm_query_batched of 100, instant handler", "system": name,
                                "value": r["batched_100_ms"], "unit": "ms", "detail": detail})
 
-    async def _micro_warm_pool(self, context: Any, starts: int) -> None:
-        from bench.daytona_micro import echo
-        from rlm_mcp.config import Settings
-        from rlm_mcp.sandbox import SandboxSpec
-        from rlm_mcp.sandbox.docker import DockerProvider
+    async def _micro_docker(self, cells: int, starts: int) -> None:
+        from bench import docker_micro  # colleagues' Docker micro-benchmark: cold, warm pool, cell, llm_query
 
-        provider = DockerProvider(Settings(docker_pool_size=1))
-        times = []
+        home = Path(tempfile.mkdtemp(prefix="docker-micro-", dir=self.work))
         try:
-            for _ in range(starts):
-                await provider.warm_up(timeout=120)
-                began = time.perf_counter()
-                sandbox = provider.create(SandboxSpec(context=context, handler=echo))
-                await sandbox.start()
-                times.append(time.perf_counter() - began)
-                await sandbox.close()
-            self.micro.append({"micro": "sandbox start", "system": "rlm-mcp/docker (warm pool)",
-                               "value": statistics.median(times), "unit": "s",
-                               "detail": f"median of {starts} starts, pool of 1 refilled (warm_up) before each"})
+            r = await docker_micro.measure(starts, cells, cells, home)
         except Exception as exc:
-            self.micro.append({"micro": "sandbox start", "system": "rlm-mcp/docker (warm pool)",
-                               "error": f"{type(exc).__name__}: {exc}"})
+            self.micro.append({"micro": "sandbox", "system": "rlm-mcp/docker", "error": f"{type(exc).__name__}: {exc}"})
+            return
         finally:
-            await provider.aclose()
+            shutil.rmtree(home, ignore_errors=True)
+        detail = f"bench/docker_micro.py: median of {starts} starts / {cells} cells; 1.2 MB context"
+        rows = [("sandbox start", "rlm-mcp/docker (cold)", r["cold_start_s"], "s"),
+                ("sandbox start", "rlm-mcp/docker (warm pool)", r["warm_take_s"], "s"),
+                ("per-cell overhead (empty cell)", "rlm-mcp/docker", r["per_cell_s"] * 1000, "ms"),
+                ("llm_query round trip, sandbox level (timed inside the cell)", "rlm-mcp/docker",
+                 r["llm_query_round_trip_s"] * 1000, "ms")]
+        for micro, system, value, unit in rows:
+            self.micro.append({"micro": micro, "system": system, "value": value, "unit": unit,
+                               "detail": detail + ("; an in-process handler answers at once" if "llm" in micro else "")})
 
     def _reference_micro(self, environment: str, cells: int, starts: int) -> None:
         workspace = Path(tempfile.mkdtemp(prefix="ref-ws-", dir=self.work))
@@ -728,7 +721,8 @@ def markdown(report: dict[str, Any]) -> str:
         elif value is None:
             shown = "-"
         else:
-            shown = f"{value:,.2f} {m['unit']}" if m["unit"] not in ("calls",) else f"{value:,} {m['unit']}"
+            digits = 3 if m["unit"] == "s" else 2
+            shown = f"{value:,.{digits}f} {m['unit']}" if m["unit"] != "calls" else f"{value:,} {m['unit']}"
         lines.append(f"| {m['micro']} | {m['system']} | {shown} | {_cell(m.get('detail', ''))} |")
     lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     return "\n".join(lines)
