@@ -300,13 +300,14 @@ class _Rlm:
     async def call_model(self, kind: Literal["root", "sub"], model: str,
                          messages: list[dict[str, str]]) -> Completion:
         budget = self.tree.budget
-        budget.check(kind)
         if kind == "root":
+            budget.check(kind)
             completion = await self.engine.models.complete(model, messages)
             budget.record(completion)
             return completion
-        budget.subcalls_started += 1
         async with budget.slots:
+            budget.check(kind)  # after the wait for a slot: the calls before it have been counted
+            budget.subcalls_started += 1
             budget.in_flight += 1
             budget.max_in_flight = max(budget.max_in_flight, budget.in_flight)
             try:

@@ -59,6 +59,7 @@ class ModelClient:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._litellm: Any = None
+        self._unpriced: set[str] = set()
 
     @property
     def litellm(self) -> Any:
@@ -112,11 +113,20 @@ class ModelClient:
         usage = getattr(response, "usage", None)
         input_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
         output_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+        return Completion(model, str(text), input_tokens, output_tokens, self._cost(model, response), elapsed)
+
+    def _cost(self, model: str, response: Any) -> float | None:
+        """USD for one reply, from litellm's price tables; None when it has no price."""
+        hidden = getattr(response, "_hidden_params", None) or {}
+        if isinstance(hidden.get("response_cost"), (int, float)):
+            return float(hidden["response_cost"])  # litellm priced it already while logging
+        if model in self._unpriced:
+            return None  # pricing is ~3 ms of CPU per call: do not retry a known miss
         try:
-            cost = float(self.litellm.completion_cost(completion_response=response))
-        except Exception:  # no price known for this model
-            cost = None
-        return Completion(model, str(text), input_tokens, output_tokens, cost, elapsed)
+            return float(self.litellm.completion_cost(completion_response=response))
+        except Exception:
+            self._unpriced.add(model)
+            return None
 
     def _classify(self, model: str, exc: Exception) -> tuple[bool, str]:
         """(retryable?, message for the user) for a litellm exception."""
