@@ -189,7 +189,8 @@ class RlmEngine:
             cost_usd=budget.cost_usd, elapsed_s=round(budget.elapsed_s, 3),
             trajectory_path=str(self.trajectory_path(tree.run_id)))
 
-    def _emit(self, tree: _Tree, kind: str, depth: int, iteration: int, force: bool = False) -> None:
+    def _emit(self, tree: _Tree, kind: Literal["iteration", "subcalls", "done"], depth: int, iteration: int,
+              force: bool = False) -> None:
         if tree.on_event is None:
             return
         now = time.monotonic()
@@ -197,7 +198,7 @@ class RlmEngine:
             return
         tree.last_event = now
         budget = tree.budget
-        event = RunEvent(tree.run_id, kind, depth, iteration, tree.limits.max_iterations,  # type: ignore[arg-type]
+        event = RunEvent(tree.run_id, kind, depth, iteration, tree.limits.max_iterations,
                          budget.subcalls_done, budget.subcalls_started,
                          budget.input_tokens + budget.output_tokens, budget.cost_usd)
         try:
