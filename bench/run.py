@@ -345,7 +345,7 @@ class Bench:
     async def micro_sandbox(self) -> None:
         from bench import daytona_micro  # colleagues' micro-benchmark: measure() works for any provider
         from rlm_mcp.config import Settings
-        from rlm_mcp.sandbox import ContextFile, SandboxSpec
+        from rlm_mcp.sandbox import ContextFile
         from rlm_mcp.sandbox.local import LocalProvider
 
         cells, starts = (10, 2) if self.args.quick else (30, 5)

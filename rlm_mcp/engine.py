@@ -264,7 +264,6 @@ class _Rlm:
             self.tree.prose = replies.prose(reply)
         cells: list[dict[str, Any]] = []
         rendered: list[tuple[str, str]] = []
-        final: str | None = None
         for code in blocks:
             result = await self._execute(sandbox, code)
             cells.append(self._cell_record(code, result))

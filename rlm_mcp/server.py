@@ -9,7 +9,6 @@ import hmac
 import ipaddress
 import json
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 

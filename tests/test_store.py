@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from rlm_mcp import store as store_module
+from rlm_mcp import store_io
 from rlm_mcp.config import Settings
 from rlm_mcp.errors import ContextError
 from rlm_mcp.sandbox.worker import PendingCalls, Repl
@@ -50,9 +51,9 @@ def store(tmp_path: Path) -> ContextStore:
 def small_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tiny chunks, index interval and read blocks so every boundary case is exercised."""
     monkeypatch.setattr(store_module, "CHUNK_SIZE", 5)
-    monkeypatch.setattr(store_module, "INDEX_INTERVAL", 7)
-    monkeypatch.setattr(store_module, "PEEK_BLOCK", 3)
-    monkeypatch.setattr(store_module, "SNIFF_BYTES", 4)
+    monkeypatch.setattr(store_io, "INDEX_INTERVAL", 7)
+    monkeypatch.setattr(store_io, "PEEK_BLOCK", 3)
+    monkeypatch.setattr(store_io, "SNIFF_BYTES", 4)
 
 
 # ----- text, handles, persistence ---------------------------------------------------------------
@@ -193,7 +194,7 @@ ContextStore(Settings(home=Path({str(home)!r}))).load_stream(Dying(), name="n", 
 
 def test_startup_keeps_temp_dirs_of_loads_in_progress(tmp_path: Path) -> None:
     store = make_store(tmp_path)
-    writer = store_module._Writer(store.root, "text")
+    writer = store_io.ContentWriter(store.root, "text")
     try:
         make_store(tmp_path)
         assert writer.dir.exists()

@@ -168,7 +168,7 @@ async def test_stdio_answers_over_a_100_mb_file_with_progress_and_a_paged_trajec
     with (tmp_path / "server.stderr").open("w+") as errlog:
         async with Client(stdio_client(params, errlog=errlog), read_timeout_seconds=300,
                           message_handler=on_message) as client:
-            out = await load_complete_and_page(client, hundred_mb_file, "STDIO-100")
+            await load_complete_and_page(client, hundred_mb_file, "STDIO-100")
         errlog.seek(0)
         stderr = errlog.read()
     assert not bad_lines, bad_lines
