@@ -16,6 +16,7 @@ from pathlib import Path
 from rlm_mcp.errors import ConfigError
 
 SANDBOX_NAMES = ("local", "docker", "daytona")
+LOCAL_ISOLATION = ("auto", "bwrap", "none")
 
 
 def default_home(environ: Mapping[str, str]) -> Path:
@@ -93,6 +94,7 @@ class Settings:
     max_inline_chars: int = 1_000_000
     max_files: int = 20_000
     url_timeout_s: float = 120.0
+    local_isolation: str = "auto"
     sandbox_memory_mb: int = 4096
     sandbox_cpus: float = 1.0
     sandbox_pids: int = 256
@@ -133,6 +135,9 @@ class Settings:
         sandbox = env.get("RLM_MCP_SANDBOX", "local").strip().lower() or "local"
         if sandbox not in SANDBOX_NAMES:
             raise ConfigError(f"RLM_MCP_SANDBOX must be one of {', '.join(SANDBOX_NAMES)}, got {sandbox!r}")
+        isolation = (env.get("RLM_MCP_LOCAL_ISOLATION") or "auto").strip().lower()
+        if isolation not in LOCAL_ISOLATION:
+            raise ConfigError(f"RLM_MCP_LOCAL_ISOLATION must be one of {', '.join(LOCAL_ISOLATION)}, got {isolation!r}")
         home = env.get("RLM_MCP_HOME")
         roots = tuple(Path(p).expanduser().resolve() for p in env.get("RLM_MCP_ALLOWED_ROOTS", "").split(os.pathsep) if p.strip())
         return cls(
@@ -153,6 +158,7 @@ class Settings:
             max_inline_chars=reader.integer("RLM_MCP_MAX_INLINE_CHARS", 1_000_000, low=1),
             max_files=reader.integer("RLM_MCP_MAX_FILES", 20_000, low=1),
             url_timeout_s=reader.number("RLM_MCP_URL_TIMEOUT_S", 120.0),
+            local_isolation=isolation,
             sandbox_memory_mb=reader.integer("RLM_MCP_SANDBOX_MEMORY_MB", 4096, low=64),
             sandbox_cpus=reader.number("RLM_MCP_SANDBOX_CPUS", 1.0),
             sandbox_pids=reader.integer("RLM_MCP_SANDBOX_PIDS", 256, low=8),

@@ -1,9 +1,11 @@
 """The embedded default backend: the worker as a child process of the server.
 
-Isolation here is process-level: a scrubbed environment (no API keys, no provider variables),
-a fresh temporary working directory, memory/CPU/file-size rlimits and its own process group,
-which is killed as a whole on timeout, cancel or close. Use the Docker backend for untrusted
-inputs: a local worker can still read the user's files and reach the network.
+Always: a scrubbed environment (no API keys, no provider variables), a fresh temporary working
+directory, memory/CPU/file-size rlimits and its own process group, which is killed as a whole on
+timeout, cancel or close. With bubblewrap (``RLM_MCP_LOCAL_ISOLATION=auto`` finds it, ``bwrap``
+requires it) the worker also runs without network and sees only the system's read-only program
+directories, the Python installation, its context file and its working directory. Without it a
+local worker can read the user's files and reach the network: use Docker for untrusted inputs.
 """
 
 from __future__ import annotations
@@ -11,16 +13,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import os
 import shutil
 import signal
 import sys
 import tempfile
+from pathlib import Path
 
 from rlm_mcp.config import Settings
 from rlm_mcp.errors import SandboxError
 from rlm_mcp.sandbox.base import Sandbox, SandboxSpec
 from rlm_mcp.sandbox.channel import WORKER_SCRIPT, WorkerGone, WorkerSandbox, WorkerTransport, describe_stop
+
+log = logging.getLogger(__name__)
 
 LINE_LIMIT = 1 << 30  # one protocol line may carry a large prompt; memory is bounded by the worker
 STDERR_TAIL_LINES = 20
@@ -124,11 +130,26 @@ class LocalSandbox(WorkerSandbox):
         scratch = 4 * 1024**3
         resource.setrlimit(resource.RLIMIT_FSIZE, (scratch, scratch))
 
+    def _command(self, workdir: str) -> list[str]:
+        """The worker's argv, inside bubblewrap when isolation is on and available."""
+        command = [sys.executable, "-I", "-u", str(WORKER_SCRIPT)]
+        mode = self.settings.local_isolation
+        bwrap = shutil.which("bwrap") if mode != "none" else None
+        if bwrap is None:
+            if mode == "bwrap":
+                raise SandboxError("RLM_MCP_LOCAL_ISOLATION=bwrap but bubblewrap is not installed: "
+                                   "install it (apt-get install bubblewrap) or set RLM_MCP_LOCAL_ISOLATION=auto")
+            if mode == "auto":
+                _warn_once("bubblewrap (bwrap) not found: local sandboxes run without network or "
+                           "file isolation; install bubblewrap or use RLM_MCP_SANDBOX=docker")
+            return command
+        return bubblewrap_argv(bwrap, workdir, self.spec.context.path) + command
+
     async def _launch(self) -> WorkerTransport:
         workdir = tempfile.mkdtemp(prefix="rlm-sandbox-")
         try:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-I", "-u", str(WORKER_SCRIPT),
+                *self._command(workdir),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -138,10 +159,38 @@ class LocalSandbox(WorkerSandbox):
                 preexec_fn=self._limit_resources,
                 limit=LINE_LIMIT,
             )
-        except OSError as exc:
+        except (OSError, SandboxError) as exc:
             shutil.rmtree(workdir, ignore_errors=True)
+            if isinstance(exc, SandboxError):
+                raise
             raise SandboxError(f"cannot start the local REPL worker: {exc}") from exc
         return LocalTransport(process, workdir)
+
+
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc/alternatives", "/etc/ssl")
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+def bubblewrap_argv(bwrap: str, workdir: str, context: Path | None) -> list[str]:
+    """bwrap options: no network, new pid/ipc/uts namespaces, read-only system and Python
+    directories, the context file read-only, the working directory writable, nothing else."""
+    argv = [bwrap, "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+            "--die-with-parent", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    visible = list(SYSTEM_DIRS) + sorted({sys.prefix, sys.base_prefix, sys.exec_prefix,
+                                          str(Path(sys.executable).resolve().parent)})
+    for path in visible:
+        argv += ["--ro-bind-try", path, path]
+    argv += ["--ro-bind", str(WORKER_SCRIPT), str(WORKER_SCRIPT)]
+    if context is not None:
+        argv += ["--ro-bind-try", str(context), str(context)]
+    argv += ["--bind", workdir, workdir, "--chdir", workdir]
+    return argv
 
 
 class LocalProvider:
