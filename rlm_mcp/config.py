@@ -84,6 +84,7 @@ class Settings:
     sandbox: str = "local"
     home: Path = field(default_factory=lambda: default_home(os.environ))
     limits: Limits = field(default_factory=Limits)
+    allowed_models: tuple[str, ...] = ()
     model_timeout_s: float = 300.0
     model_retries: int = 3
     max_runs: int = 4
@@ -148,6 +149,7 @@ class Settings:
             sandbox=sandbox,
             home=Path(home).expanduser() if home else default_home(env),
             limits=limits,
+            allowed_models=tuple(m.strip() for m in env.get("RLM_MCP_ALLOWED_MODELS", "").split(",") if m.strip()),
             model_timeout_s=reader.number("RLM_MCP_MODEL_TIMEOUT_S", 300.0),
             model_retries=reader.integer("RLM_MCP_MODEL_RETRIES", 3),
             max_runs=reader.integer("RLM_MCP_MAX_RUNS", 4, low=1),

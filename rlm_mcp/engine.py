@@ -103,6 +103,7 @@ class _Tree:
     workdir: Path
     on_event: Callable[[RunEvent], None] | None
     root_iterations: int = 0
+    child_slots: dict[int, asyncio.Semaphore] = field(default_factory=dict)
     draft: str | None = None  # answer["content"] set but not marked ready
     prose: str | None = None  # the root model's last words outside code
     child_ids: itertools.count = field(default_factory=lambda: itertools.count(1))
@@ -229,7 +230,7 @@ class _Rlm:
         limits = self.tree.limits
         self.trajectory = TrajectoryWriter(self.engine.trajectory_path(self.run_id), self._metadata(query, shape))
         spec = SandboxSpec(context=context, handler=self.serve_call, max_output_chars=limits.max_output_chars,
-                           labels={"rlm-mcp.run": self.tree.run_id})
+                           labels={"rlm-mcp.run": self.tree.run_id}, cpu_limit_s=limits.timeout_s)
         provider = self.engine.sandboxes.get(self.tree.sandbox)
         messages = [{"role": "system", "content": prompts.system_prompt(shape)},
                     {"role": "user", "content": prompts.first_user_message(query, shape)}]
@@ -322,6 +323,10 @@ class _Rlm:
     async def serve_call(self, op: str, prompt: str, model: str | None) -> str:
         """The sandbox's ``llm_query`` / ``rlm_query`` handler."""
         started = time.monotonic()
+        if model is not None and model not in self.allowed_models():
+            # The model name comes from code the root model wrote, possibly steered by the input.
+            raise RlmError(f"model {model!r} is not allowed for sub-calls: omit model= to use "
+                           f"{self.sub_model!r}, or use one of {sorted(self.allowed_models())}")
         if op == "rlm_query" and self.depth < self.tree.limits.max_depth:
             text, usage = await self._child(prompt, model)
             used_model = model or self.model
@@ -338,7 +343,17 @@ class _Rlm:
                                 "execution_time": round(time.monotonic() - started, 4)})
         return text
 
+    def allowed_models(self) -> set[str]:
+        """Models REPL code may name: the run's two and those in RLM_MCP_ALLOWED_MODELS."""
+        return {self.model, self.sub_model, *self.engine.settings.allowed_models}
+
     async def _child(self, prompt: str, model: str | None) -> tuple[str, dict[str, Any]]:
+        # One limit per depth level (a shared one could deadlock parents waiting on children).
+        slots = self.tree.child_slots.setdefault(self.depth + 1, asyncio.Semaphore(self.tree.limits.max_concurrency))
+        async with slots:
+            return await self._run_child(prompt, model)
+
+    async def _run_child(self, prompt: str, model: str | None) -> tuple[str, dict[str, Any]]:
         tree = self.tree
         child_id = f"{self.run_id}.{next(tree.child_ids)}"
         path = tree.workdir / f"{child_id}.txt"
@@ -347,7 +362,7 @@ class _Rlm:
             prompt[:CHILD_QUERY_CHARS] + "\n[... the full prompt continues in `context`]")
         child = _Rlm(self.engine, tree, depth=self.depth + 1, model=model or self.model,
                      sub_model=self.sub_model, run_id=child_id)
-        status, answer, error = "completed", None, None
+        status, answer, limit, error = "cancelled", None, None, None
         before = tree.budget.input_tokens + tree.budget.output_tokens
         try:
             answer, limit = await child.run(query, ContextFile(path, "text"),
@@ -355,9 +370,13 @@ class _Rlm:
             status = "limit_reached" if limit else "completed"
         except RlmError as exc:
             status, error = ("limit_reached" if isinstance(exc, LimitExceeded) else "failed"), str(exc)
+            limit = exc.limit if isinstance(exc, LimitExceeded) else None
             raise RlmError(f"child RLM {child_id} failed: {exc}") from exc
+        except Exception as exc:
+            status, error = "failed", f"internal error: {exc!r}"
+            raise
         finally:
-            child.finish(status, answer, None, error)
+            child.finish(status, answer, limit, error)
             with contextlib.suppress(OSError):
                 path.unlink()
         used = tree.budget.input_tokens + tree.budget.output_tokens - before

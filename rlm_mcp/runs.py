@@ -124,6 +124,8 @@ class RunManager:
             run.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await run.task
+        if run.result is None:  # cancelled before its first step ran
+            run.result = self._cancelled(run)
         return run
 
     def stored_result(self, run_id: str) -> RunResult | None:

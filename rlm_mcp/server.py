@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import hmac
 import ipaddress
-import json
 import logging
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -314,13 +313,20 @@ def build_server(services: Services) -> MCPServer:
         services = svc()
         path = services.engine.trajectory_path(run_id)
         if services.runs.stored_result(run_id) is None:
+            if run_id in services.runs.runs:
+                raise ConfigError(f"run {run_id} has not written its first iteration yet (it is queued or "
+                                  "starting): call rlm_get_trajectory again shortly")
             raise ConfigError(f"no trajectory for run_id {run_id!r}: use a run_id returned by rlm_complete")
         page = TrajectoryPage(**await asyncio.to_thread(trajectory_page, path, offset, limit, detail))
         more = f" Next page: offset={page.next_offset}." if page.next_offset is not None else ""
-        summary = (f"Run {page.run_id} ({page.status}), iterations {page.offset + 1}-{page.offset + len(page.iterations)} "
-                   f"of {page.total_iterations}.{more} Full log: {page.path}\n"
-                   + json.dumps(page.iterations, ensure_ascii=False, indent=1, default=str))
-        return _reply(page, summary)
+        lines = [f"Run {page.run_id} ({page.status}), iterations {page.offset + 1}-{page.offset + len(page.iterations)} "
+                 f"of {page.total_iterations}.{more} Full log: {page.path}"]
+        for item in page.iterations:  # one line each: the details are in the structured content
+            reasoning = " ".join(str(item.get("reasoning") or "").split())[:160]
+            lines.append(f"- iteration {item.get('iteration')}: {len(item.get('code_blocks') or [])} code blocks, "
+                         f"{item.get('subcalls')} sub-calls" + (f"; {reasoning}" if reasoning else "")
+                         + ("; FINAL ANSWER" if item.get("final_answer") is not None else ""))
+        return _reply(page, "\n".join(lines))
 
     @server.resource("rlm://contexts/{handle}", name="context", mime_type="application/json",
                      description="A stored context's metadata and preview")

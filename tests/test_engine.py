@@ -264,3 +264,16 @@ async def test_a_run_goes_the_same_way_in_the_other_sandbox_backends(settings, t
     assert (result.status, result.answer) == ("completed", "BOX-3")
     meta, _ = read_trajectory(Path(result.trajectory_path))
     assert meta["environment_type"] == backend
+
+
+async def test_repl_code_may_only_name_allowed_models(settings, tmp_path, recording):
+    code = repl("try:\n    print(llm_query('the secret code is M-1', model='openai/pricey'))\n"
+                "except Exception as exc:\n    print('refused:', exc)")
+    recording.script("picky", [code, "FINAL(done)"])
+    await run(replace(settings, model="openai/picky"), text_request(tmp_path, "x"))
+    assert "refused: model 'openai/pricey' is not allowed for sub-calls" in sent_user_messages(recording, "picky")[1]
+    recording.script("picky", [code, "FINAL(done)"])
+    result = await run(replace(settings, model="openai/picky", allowed_models=("openai/pricey",)),
+                       text_request(tmp_path, "x"))
+    assert "Output:\nM-1" in sent_user_messages(recording, "picky")[3]
+    assert result.usage["openai/pricey"].calls == 1

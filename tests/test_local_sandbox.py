@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,3 +96,15 @@ def test_an_unknown_isolation_mode_is_refused():
 
     with pytest.raises(ConfigError, match="RLM_MCP_LOCAL_ISOLATION must be one of auto, bwrap, none"):
         Settings.from_env({"RLM_MCP_LOCAL_ISOLATION": "chroot"})
+
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_DUMPABLE) is Linux-only")
+def test_the_server_becomes_non_dumpable_so_same_user_workers_cannot_read_its_keys():
+    # The kernel then refuses /proc/<server>/environ and ptrace to other processes of the same
+    # (non-root) user; root keeps CAP_SYS_PTRACE, which is why root servers want bwrap or Docker.
+    import ctypes
+
+    LocalProvider(Settings(local_isolation="none"))
+    pr_get_dumpable = 3
+    assert ctypes.CDLL(None).prctl(pr_get_dumpable, 0, 0, 0, 0) == 0

@@ -38,6 +38,7 @@ class SandboxSpec:
     handler: SubcallHandler
     max_output_chars: int = 20_000
     labels: dict[str, str] = field(default_factory=dict)
+    cpu_limit_s: float | None = None  # CPU seconds for the worker (the run's wall-clock limit)
 
 
 @dataclass

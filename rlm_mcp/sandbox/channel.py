@@ -137,7 +137,10 @@ class WorkerSandbox(Sandbox):
                 error=(f"The REPL worker died while running this cell ({reason}). A fresh worker "
                        "was started with `context` loaded again, but all other variables are lost."),
                 notices=notices, state_lost=True)
-        # Timed out: ask nicely (KeyboardInterrupt in the cell), then kill and restart.
+        # Timed out: stop the cell's sub-calls (they would spend budget for nothing and keep the
+        # reader waiting for slots), ask nicely (KeyboardInterrupt in the cell), then kill.
+        for task in list(self._call_tasks):
+            task.cancel()
         with contextlib.suppress(WorkerGone):
             await self._send({"type": "interrupt"})
         outcome = await self._wait_cell(cell, self.interrupt_grace_s)
@@ -170,9 +173,12 @@ class WorkerSandbox(Sandbox):
         self._ready = loop.create_future()
         self._transport = await self._launch()
         self._reader = asyncio.create_task(self._read_loop(self._transport, self._gone))
-        await self._send({"type": "init", "context_path": self._worker_context_path(),
-                          "context_kind": self.spec.context.kind,
-                          "max_output_chars": self.spec.max_output_chars})
+        try:
+            await self._send({"type": "init", "context_path": self._worker_context_path(),
+                              "context_kind": self.spec.context.kind,
+                              "max_output_chars": self.spec.max_output_chars})
+        except WorkerGone:
+            self._gone.set()  # died at once: reported below with its exit reason
         gone = asyncio.ensure_future(self._gone.wait())
         try:
             done, _ = await asyncio.wait({self._ready, gone}, timeout=self.ready_timeout_s,

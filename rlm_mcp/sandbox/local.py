@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -125,7 +126,7 @@ class LocalSandbox(WorkerSandbox):
         memory = self.settings.sandbox_memory_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        cpu = int(max(1, self.settings.limits.timeout_s or 86_400))
+        cpu = int(max(1, self.spec.cpu_limit_s or self.settings.limits.timeout_s or 86_400))
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
         scratch = 4 * 1024**3
         resource.setrlimit(resource.RLIMIT_FSIZE, (scratch, scratch))
@@ -135,6 +136,8 @@ class LocalSandbox(WorkerSandbox):
         command = [sys.executable, "-I", "-u", str(WORKER_SCRIPT)]
         mode = self.settings.local_isolation
         bwrap = shutil.which("bwrap") if mode != "none" else None
+        if bwrap is not None and mode == "auto" and not _bubblewrap_works(bwrap):
+            bwrap = None  # e.g. user namespaces disabled (AppArmor, unprivileged containers)
         if bwrap is None:
             if mode == "bwrap":
                 raise SandboxError("RLM_MCP_LOCAL_ISOLATION=bwrap but bubblewrap is not installed: "
@@ -171,6 +174,35 @@ SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc/altern
 _warned: set[str] = set()
 
 
+_bwrap_checked: dict[str, bool] = {}
+
+
+def _bubblewrap_works(bwrap: str) -> bool:
+    """Whether bwrap can create the namespaces we ask for here (checked once per binary)."""
+    if bwrap not in _bwrap_checked:
+        try:
+            probe = subprocess.run([bwrap, "--unshare-net", "--ro-bind", "/", "/", "true"],
+                                   capture_output=True, timeout=10)
+            _bwrap_checked[bwrap] = probe.returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            _bwrap_checked[bwrap] = False
+    return _bwrap_checked[bwrap]
+
+
+def protect_host_environment() -> None:
+    """Make this process non-dumpable, so a same-user worker cannot read our environment (API
+    keys) through /proc/<ppid>/environ or ptrace us. Linux only; a no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_dumpable = 4
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_dumpable, 0, 0, 0, 0)
+    except (OSError, AttributeError):
+        _warn_once("could not make the server non-dumpable; local workers may read its environment")
+
+
 def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
@@ -200,6 +232,7 @@ class LocalProvider:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        protect_host_environment()
 
     def create(self, spec: SandboxSpec) -> Sandbox:
         return LocalSandbox(spec, self.settings)
