@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import hashlib
 import json
 import logging
 import os
@@ -155,7 +156,7 @@ class ContextStore:
         if stat.S_ISDIR(mode):
             return self._load_directory(resolved, shown, name or default_name, include or [],
                                         exclude or [], limit, max_bytes)
-        fh = self._open_regular(resolved, shown)
+        fh = self._open_regular(resolved, shown, self._roots())
         notes = ["include/exclude apply to directories only and were ignored"] if include or exclude else []
         with fh:
             size = os.fstat(fh.fileno()).st_size
@@ -385,7 +386,7 @@ class ContextStore:
         return resolved
 
     @staticmethod
-    def _open_regular(resolved: Path, shown: str) -> BinaryIO:
+    def _open_regular(resolved: Path, shown: str, roots: list[Path] | None = None) -> BinaryIO:
         flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
         try:
             fd = os.open(resolved, flags)
@@ -398,6 +399,14 @@ class ContextStore:
             os.close(fd)
             raise ContextError(f"{shown} is not a regular file or directory (a device, FIFO or socket): "
                                "save its data to a regular file and load that")
+        opened = Path(f"/proc/self/fd/{fd}")
+        if roots and opened.exists():
+            # Checked on what was actually opened: a path swapped for a symlink after the
+            # roots check must not lead outside the roots.
+            if not inside_roots(Path(os.readlink(opened)), roots):
+                os.close(fd)
+                raise ContextError(f"{shown} now points outside the allowed roots "
+                                   f"({', '.join(map(str, roots))}): it was not loaded")
         return os.fdopen(fd, "rb")
 
     def _load_stream(self, stream: BinaryIO, *, kind_shown: str, name: str, source: str, limit: int,
@@ -438,9 +447,10 @@ class ContextStore:
         budget = ByteBudget(limit, lambda cap: self._too_big(shown, "grew while loading", cap, max_bytes))
         writer = ContentWriter(self.root, "documents")
         try:
+            roots = self._roots()
             for rel, path in scan.files:
                 try:
-                    fh = self._open_regular(path, rel)
+                    fh = self._open_regular(path, rel, roots)
                 except ContextError:
                     skipped["unreadable"] += 1
                     continue
@@ -473,7 +483,9 @@ class ContextStore:
         """Finish a load: write meta, rename the temp dir into place (or reuse an existing copy)."""
         try:
             sha = writer.close()
-            handle = "ctx_" + sha[:16]
+            # The kind is part of the identity: a text file whose bytes equal a documents file is
+            # a different context.
+            handle = "ctx_" + hashlib.sha256(f"{writer.kind}:{sha}".encode()).hexdigest()[:16]
             notes = list(notes)
             notes.extend(sorted(writer.encoding_notes))
             if writer.replaced and not any("U+FFFD" in note for note in notes):
@@ -497,6 +509,9 @@ class ContextStore:
                     existing = self._read_meta(target)
                     if existing is not None:
                         writer.discard()
+                        if existing["info"].get("sha256") != sha:
+                            raise ContextError(f"handle {handle} is taken by different content (a 64-bit "
+                                               "prefix collision): nothing was stored; report this")
                         return self._reuse(handle, existing, name)
                     self._set_aside(target)
                 try:

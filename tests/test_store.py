@@ -65,7 +65,7 @@ def test_load_text_reports_everything(store: ContextStore) -> None:
     data = text.encode("utf-8")
     import hashlib
     sha = hashlib.sha256(data).hexdigest()
-    assert info.handle == "ctx_" + sha[:16] and info.sha256 == sha
+    assert info.handle == "ctx_" + hashlib.sha256(f"text:{sha}".encode()).hexdigest()[:16] and info.sha256 == sha
     assert (info.kind, info.name, info.source) == ("text", "notes", "inline text")
     assert info.characters == len(text) and info.bytes == len(data)
     assert info.documents == 0 and info.document_lengths == []
@@ -577,3 +577,26 @@ def test_directory_skips_likely_secret_files_unless_loaded_by_path(store: Contex
     assert any("likely secret file" in note for note in info.notes)
     direct = store.load_path(str(folder / ".env"))
     assert direct.characters == len("SECRET=do-not-send")
+
+
+def test_text_with_the_same_bytes_as_a_document_list_is_a_different_context(store: ContextStore, tmp_path: Path) -> None:
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("alpha")
+    docs = store.load_path(str(folder))
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes(store.context_file(docs.handle).path.read_bytes())
+    text = store.load_path(str(copy))
+    assert (docs.kind, text.kind) == ("documents", "text")
+    assert text.handle != docs.handle and text.sha256 == docs.sha256
+    assert store.get(docs.handle).kind == "documents"
+
+
+def test_a_file_swapped_for_a_symlink_out_of_the_roots_after_checking_is_not_read(tmp_path: Path) -> None:
+    inside, outside = tmp_path / "inside", tmp_path / "outside"
+    inside.mkdir(), outside.mkdir()
+    (outside / "secret.txt").write_text("outside the roots")
+    swapped = inside / "report.txt"
+    swapped.symlink_to(outside / "secret.txt")  # as if replaced between the scan and the open
+    with pytest.raises(ContextError, match="now points outside the allowed roots"):
+        ContextStore._open_regular(swapped, "report.txt", [inside.resolve()])
