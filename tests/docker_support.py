@@ -68,7 +68,7 @@ def docker_engine() -> Iterator[docker.DockerClient]:
         client.images.get(IMAGE)
     except docker.errors.ImageNotFound:
         client.close()
-        _unavailable(f"the sandbox image {IMAGE} is missing: run `python -m rlm_mcp.sandbox.docker build`")
+        _unavailable(f"the sandbox image {IMAGE} is missing: run `rlm-mcp sandbox build`")
     yield client
     leftovers = our_leftovers(client)
     client.close()
