@@ -261,8 +261,9 @@ class _Rlm:
         """Run the reply's code blocks; (final answer or None, logged cells, next user message)."""
         blocks = replies.code_blocks(reply)
         directive = replies.final_directive(reply)
-        if self.depth == 1 and replies.prose(reply):
-            self.tree.prose = replies.prose(reply)
+        words = replies.prose(reply) if self.depth == 1 else ""
+        if words:
+            self.tree.prose = words
         cells: list[dict[str, Any]] = []
         rendered: list[tuple[str, str]] = []
         for code in blocks:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import ipaddress
 import logging
@@ -161,8 +162,6 @@ def build_server(services: Services) -> MCPServer:
 
     def guarded(fn: Any) -> Any:
         """Turn RlmError into a tool error whose message the host model reads."""
-        import functools
-
         @functools.wraps(fn)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:

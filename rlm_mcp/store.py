@@ -44,6 +44,7 @@ from rlm_mcp.store_io import (ByteBudget, ContentWriter, Feed, binary_reason, it
                               read_at_least, read_slice)
 from rlm_mcp.store_scan import DirectoryScan, inside_roots, skip_notes
 from rlm_mcp.config import Settings
+from rlm_mcp.processes import pid_alive
 from rlm_mcp.errors import ContextError
 from rlm_mcp.sandbox.base import ContextFile
 
@@ -631,20 +632,6 @@ class ContextStore:
                     stale = time.time() - path.stat().st_mtime > STALE_TMP_S
                 except OSError:
                     continue
-                if pid == os.getpid() or not _pid_alive(pid) or stale:
+                if pid == os.getpid() or not pid_alive(pid) or stale:
                     log.info("removing leftover temp dir %s", path)
                     shutil.rmtree(path, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    if os.name == "nt":
-        return True                     # os.kill would terminate it; rely on the age rule
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -16,6 +16,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from rlm_mcp.replies import prose
+
 EXCERPT_CHARS = 1_000
 
 
@@ -86,12 +88,6 @@ PAGE_BUDGET_CHARS = 60_000  # ~15k tokens: well under hosts' ~25k-token tool-out
 MAX_PAGE_ITERATIONS = 20
 
 
-def _prose(text: str) -> str:
-    from rlm_mcp.replies import prose
-
-    return prose(text)
-
-
 def summarize_iteration(record: dict[str, Any], detail: str) -> dict[str, Any]:
     """A bounded view of one iteration line: reasoning excerpt, code, output, sub-calls, usage."""
     full = detail == "full"
@@ -115,7 +111,7 @@ def summarize_iteration(record: dict[str, Any], detail: str) -> dict[str, Any]:
         blocks.append(view)
     return {
         "iteration": record.get("iteration"),
-        "reasoning": excerpt(_prose(record.get("response") or ""), 2_000 if full else 600),
+        "reasoning": excerpt(prose(record.get("response") or ""), 2_000 if full else 600),
         "code_blocks": blocks,
         "subcalls": sum(b["subcalls"] for b in blocks),
         "final_answer": record.get("final_answer"),

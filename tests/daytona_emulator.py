@@ -535,6 +535,20 @@ class DaytonaEmulator:
             return self._daemon_error(404, "session not found", request)
         return sandbox, session
 
+    async def _command(self, request: web.Request, op: str
+                       ) -> tuple[EmulatedSandbox, EmulatedSession, EmulatedCommand] | web.Response:
+        """Fault injection for ``op``, then the sandbox, session and command a route names."""
+        if (fault := await self._fault(op, request)) is not None:
+            return fault
+        found = self._session(request)
+        if isinstance(found, web.Response):
+            return found
+        sandbox, session = found
+        command = session.commands.get(request.match_info["command"])
+        if command is None:
+            return self._daemon_error(404, "command not found", request)
+        return sandbox, session, command
+
     async def list_sessions(self, request: web.Request) -> web.StreamResponse:
         sandbox = self._toolbox_sandbox(request)
         if isinstance(sandbox, web.Response):
@@ -641,27 +655,17 @@ class DaytonaEmulator:
         await command.finish(await process.wait())
 
     async def get_command(self, request: web.Request) -> web.StreamResponse:
-        if (fault := await self._fault("get_command", request)) is not None:
-            return fault
-        found = self._session(request)
+        found = await self._command(request, "get_command")
         if isinstance(found, web.Response):
             return found
-        _, session = found
-        command = session.commands.get(request.match_info["command"])
-        if command is None:
-            return self._daemon_error(404, "command not found", request)
+        _, session, command = found
         return web.json_response(command.dto())
 
     async def send_input(self, request: web.Request) -> web.StreamResponse:
-        if (fault := await self._fault("send_input", request)) is not None:
-            return fault
-        found = self._session(request)
+        found = await self._command(request, "send_input")
         if isinstance(found, web.Response):
             return found
-        sandbox, session = found
-        command = session.commands.get(request.match_info["command"])
-        if command is None:
-            return self._daemon_error(404, "command not found", request)
+        sandbox, session, command = found
         body = await request.json()
         data = body.get("data")
         if not isinstance(data, str):
@@ -693,15 +697,10 @@ class DaytonaEmulator:
         return web.Response(status=204)
 
     async def command_logs(self, request: web.Request) -> web.StreamResponse:
-        if (fault := await self._fault("command_logs", request)) is not None:
-            return fault
-        found = self._session(request)
+        found = await self._command(request, "command_logs")
         if isinstance(found, web.Response):
             return found
-        _, session = found
-        command = session.commands.get(request.match_info["command"])
-        if command is None:
-            return self._daemon_error(404, "command not found", request)
+        _, session, command = found
         follow = request.query.get("follow", "").lower() in ("1", "true")
         if request.headers.get("Upgrade", "").lower() != "websocket":
             stdout, stderr = _demux(bytes(command.log))

@@ -81,6 +81,7 @@ class WorkerSandbox(Sandbox):
     def __init__(self, spec: SandboxSpec) -> None:
         super().__init__(spec)
         self._transport: WorkerTransport | None = None
+        self._last_transport: WorkerTransport | None = None  # for describing how a worker ended
         self._reader: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[dict[str, Any]] | None = None
         self._cell: asyncio.Future[dict[str, Any]] | None = None
@@ -297,8 +298,6 @@ class WorkerSandbox(Sandbox):
             data = json.dumps(reply, ensure_ascii=False).encode("utf-8", "replace") + b"\n"
             with contextlib.suppress(WorkerGone, ConnectionError, OSError):
                 await transport.send(data)
-
-    _last_transport: WorkerTransport | None = None
 
     @staticmethod
     def _to_result(message: dict[str, Any]) -> CellResult:

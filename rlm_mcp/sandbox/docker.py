@@ -65,6 +65,7 @@ from docker.types import LogConfig, Mount, Ulimit
 
 from rlm_mcp.config import Settings
 from rlm_mcp.errors import RlmError, SandboxError
+from rlm_mcp.processes import pid_alive
 from rlm_mcp.sandbox.base import Sandbox, SandboxSpec
 from rlm_mcp.sandbox.channel import WORKER_SCRIPT, WorkerGone, WorkerSandbox, WorkerTransport, describe_stop
 
@@ -129,13 +130,9 @@ def _owner_is_dead(token: str) -> bool:
     if host != socket.gethostname() or not pid_text.isdigit():
         return False  # another machine's (or malformed): not ours to judge
     pid = int(pid_text)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_alive(pid):
         return True
-    except PermissionError:
-        pass  # alive, owned by someone else
-    return bool(start) and _process_start(pid) not in ("", start)
+    return bool(start) and _process_start(pid) not in ("", start)  # the pid was reused
 
 
 def _dir_token(token: str) -> str:
@@ -474,13 +471,13 @@ def _place_context(path: Path | None, mount_dir: Path | None) -> None:
     with contextlib.suppress(FileNotFoundError):
         target.unlink()
     if os.stat(path).st_mode & stat.S_IROTH:
-        try:
+        # A hard link costs nothing; it fails across filesystems (EXDEV) or where links are
+        # not allowed, and then the copy below is the way.
+        with contextlib.suppress(OSError):
             os.link(path, target)
-            return
-        except OSError:
-            pass  # another filesystem (EXDEV), or links not allowed: copy
-    shutil.copyfile(path, target)
-    os.chmod(target, 0o444)
+    if not target.exists():
+        shutil.copyfile(path, target)
+        os.chmod(target, 0o444)
 
 
 class DockerProvider:

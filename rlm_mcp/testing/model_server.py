@@ -89,12 +89,15 @@ def _fence(code: str) -> str:
 
 PROBE = _fence("print(type(context).__name__, len(context))")
 
-SCAN = """
+# Both policies start by cutting the context into pieces of {chunk} characters (or per document).
+CUT = """
 chunk = {chunk}
 if isinstance(context, str):
     pieces = [context[i:i + chunk] for i in range(0, len(context), chunk)]
 else:
-    pieces = list(context)
+    pieces = list(context)"""
+
+SCAN = CUT + """
 prompts = ["Find the secret code in the text below. Reply with only the code, or NONE.\\n\\n" + p
            for p in pieces]
 replies = llm_query_batched(prompts)
@@ -105,12 +108,7 @@ print(len(pieces), "chunks,", len(found), "hits")
 # A child RLM is recognised from its prompt when the host shows it (rlm-mcp puts the start of the
 # prompt in the child's query); hosts that show a child only its context's shape (the reference
 # implementation) run this same step, which then recognises the child from ``context`` itself.
-RECURSE = """
-chunk = {chunk}
-if isinstance(context, str):
-    pieces = [context[i:i + chunk] for i in range(0, len(context), chunk)]
-else:
-    pieces = list(context)
+RECURSE = CUT + """
 if isinstance(context, str) and context.startswith("CHILD TASK"):
     replies = llm_query_batched(["Find the secret code in the text below. Reply with only the code, or NONE.\\n\\n" + p
                                  for p in pieces])
