@@ -24,7 +24,7 @@ def _limit_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("limits (defaults from RLM_MCP_* variables)")
     group.add_argument("--max-iterations", type=int, help="root-model turns (default 30)")
     group.add_argument("--max-depth", type=int, help="1 = no child RLMs; 2 = rlm_query starts children (default 1)")
-    group.add_argument("--cell-timeout", type=float, dest="cell_timeout_s", help="seconds per code block (default 300)")
+    group.add_argument("--cell-timeout", type=float, dest="cell_timeout_s", help="seconds per code block (default 300, or --timeout if lower)")
     group.add_argument("--timeout", type=float, dest="timeout_s", help="seconds for the whole run (default 1800)")
     group.add_argument("--max-subcalls", type=int, help="llm_query calls over the whole run tree")
     group.add_argument("--max-tokens", type=int, help="input+output tokens over the whole run tree")

@@ -69,8 +69,25 @@ class Limits:
         return self
 
     def with_overrides(self, **overrides: object) -> "Limits":
-        """A copy with the non-None overrides applied, validated."""
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None}).validated()
+        """A copy with the non-None overrides applied, validated.
+
+        A ``timeout_s`` given without ``cell_timeout_s`` brings the cell timeout down with it:
+        otherwise the default 300 s cell timeout would make every shorter run invalid. Both
+        given, and contradictory, is refused: the caller asked for a cell limit that can never
+        apply, and saying so beats guessing which of the two was meant."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        limits = replace(self, **given)
+        if "cell_timeout_s" not in given:
+            limits = limits.cell_within_run()
+        return limits.validated()
+
+    def cell_within_run(self) -> "Limits":
+        """A copy whose cell timeout is at most the run's timeout (unchanged if already so)."""
+        run, cell = self.timeout_s, self.cell_timeout_s
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (run, cell))
+        if numbers and run > 0 and cell > run:  # type: ignore[operator]
+            return replace(self, cell_timeout_s=run)
+        return self
 
 
 @dataclass(frozen=True)
@@ -129,6 +146,8 @@ class Settings:
             max_output_chars=reader.integer("RLM_MCP_MAX_OUTPUT_CHARS", 20_000),
             max_concurrency=reader.integer("RLM_MCP_MAX_CONCURRENCY", 32),
         )
+        if reader.absent("RLM_MCP_CELL_TIMEOUT_S"):  # a short RLM_MCP_TIMEOUT_S alone lowers it too
+            limits = limits.cell_within_run()
         try:
             limits.validated()
         except ConfigError as exc:
@@ -183,6 +202,9 @@ class _Reader:
     def _raw(self, name: str) -> str | None:
         value = self.env.get(name)
         return value.strip() if value and value.strip() else None
+
+    def absent(self, name: str) -> bool:
+        return self._raw(name) is None
 
     def integer(self, name: str, default: int | None, low: int = 0) -> int | None:
         raw = self._raw(name)

@@ -250,6 +250,7 @@ def build_server(services: Services) -> MCPServer:
         max_iterations: Annotated[int | None, Field(description="root-model turns (default 30)")] = None,
         max_depth: Annotated[int | None, Field(description="1: no child RLMs; 2: rlm_query starts child RLMs")] = None,
         timeout_s: Annotated[float | None, Field(description="wall-clock limit for the run, seconds")] = None,
+        cell_timeout_s: Annotated[float | None, Field(description="time limit per REPL code block, seconds (default 300, never more than timeout_s)")] = None,
         max_cost_usd: Annotated[float | None, Field(description="spending limit over the whole run, USD")] = None,
         wait_s: Annotated[float, Field(description="seconds to wait before returning status 'running' (0-300)", ge=0, le=300)] = 50,
     ) -> Annotated[CallToolResult, CompleteResult]:
@@ -260,7 +261,8 @@ def build_server(services: Services) -> MCPServer:
         request = RunRequest(query=query, model=model, sub_model=sub_model, sandbox=sandbox,
                              limits=services.settings.limits.with_overrides(
                                  max_iterations=max_iterations, max_depth=max_depth,
-                                 timeout_s=timeout_s, max_cost_usd=max_cost_usd),
+                                 timeout_s=timeout_s, cell_timeout_s=cell_timeout_s,
+                                 max_cost_usd=max_cost_usd),
                              **await asyncio.to_thread(_context_for, services, handle, handles, context))
         run = services.runs.start(request)
         try:

@@ -277,3 +277,18 @@ async def test_repl_code_may_only_name_allowed_models(settings, tmp_path, record
                        text_request(tmp_path, "x"))
     assert "Output:\nM-1" in sent_user_messages(recording, "picky")[3]
     assert result.usage["openai/pricey"].calls == 1
+
+
+def test_a_short_run_timeout_lowers_the_default_cell_timeout():
+    from_env = Settings.from_env({"RLM_MCP_TIMEOUT_S": "60"}).limits
+    assert (from_env.timeout_s, from_env.cell_timeout_s) == (60, 60)
+    overridden = Limits().with_overrides(timeout_s=45)
+    assert (overridden.timeout_s, overridden.cell_timeout_s) == (45, 45)
+    assert Limits().with_overrides(timeout_s=900).cell_timeout_s == 300  # only ever lowered
+
+
+def test_an_explicit_cell_timeout_over_the_run_timeout_is_refused():
+    with pytest.raises(ConfigError, match=r"cell_timeout_s \(120\) cannot exceed timeout_s \(60\)"):
+        Settings.from_env({"RLM_MCP_TIMEOUT_S": "60", "RLM_MCP_CELL_TIMEOUT_S": "120"})
+    with pytest.raises(ConfigError, match=r"cell_timeout_s \(120\) cannot exceed timeout_s \(60\)"):
+        Limits().with_overrides(timeout_s=60, cell_timeout_s=120)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 from mcp import Client
 
-from rlm_mcp.config import Settings
+from rlm_mcp.config import Limits, Settings
 from rlm_mcp.server import Services, build_server
 from rlm_mcp.testing.model_server import CHUNK_CHARS
 from tests.conftest import haystack
@@ -61,7 +62,7 @@ async def test_tools_are_listed_with_valid_names_descriptions_and_annotations(se
         assert tools["rlm_delete_context"].annotations.destructive_hint is True
         complete_args = tools["rlm_complete"].input_schema["properties"]
         assert {"query", "handle", "handles", "context", "model", "sub_model", "sandbox", "max_iterations",
-                "max_depth", "timeout_s", "max_cost_usd", "wait_s"} <= set(complete_args)
+                "max_depth", "timeout_s", "cell_timeout_s", "max_cost_usd", "wait_s"} <= set(complete_args)
         assert all(arg.get("description") for arg in complete_args.values())
 
 
@@ -213,7 +214,8 @@ async def test_resources_and_prompt_are_served(services):
     ("rlm_complete", {"query": "q", "context": "x" * 200_001}, "load it with rlm_load_context"),
     ("rlm_complete", {"query": "q", "context": "x", "model": "nope/nothing"}, "unknown model 'nope/nothing'"),
     ("rlm_complete", {"query": "q", "context": "x", "max_iterations": 0}, "max_iterations must be"),
-    ("rlm_complete", {"query": "q", "context": "x", "timeout_s": 1, "max_depth": 2}, "cell_timeout_s"),
+    ("rlm_complete", {"query": "q", "context": "x", "timeout_s": 1, "cell_timeout_s": 5},
+     "cell_timeout_s (5) cannot exceed timeout_s (1): lower cell_timeout_s or raise timeout_s"),
     ("rlm_complete", {"query": "q", "handles": []}, "handles is empty"),
     ("rlm_get_result", {"run_id": "run-nope"}, "unknown run_id"),
     ("rlm_cancel", {"run_id": "run-nope"}, "unknown run_id"),
@@ -256,3 +258,28 @@ async def test_a_finished_run_is_readable_after_a_restart(settings, needle_file)
     assert (again["status"], again["answer"]) == ("completed", "RST-1")
     assert len(contexts["contexts"]) == 1
 
+
+
+async def test_a_run_timeout_below_the_default_cell_timeout_is_accepted(settings):
+    """The default 300 s cell timeout once made every timeout_s under 300 an error."""
+    services = Services.create(replace(settings, limits=Limits()))
+    try:
+        async with Client(build_server(services)) as client:
+            result = await call(client, "rlm_complete", query="q", context="secret code is T-60", timeout_s=60)
+    finally:
+        await services.aclose()
+    assert (result["status"], result["answer"]) == ("completed", "T-60")
+    metadata = json.loads(Path(result["trajectory_path"]).read_text().splitlines()[0])
+    assert (metadata["limits"]["timeout_s"], metadata["limits"]["cell_timeout_s"]) == (60, 60)
+
+
+async def test_cell_timeout_s_bounds_each_code_block(services, model_server):
+    model_server.script("overstayer", ["```repl\nimport time\ntime.sleep(30)\n```", "FINAL(moved on)"])
+    async with connect(services) as client:
+        result = await call(client, "rlm_complete", query="q", context="tiny", model="openai/overstayer",
+                            cell_timeout_s=0.5, wait_s=60)
+    assert (result["status"], result["answer"]) == ("completed", "moved on")
+    lines = [json.loads(line) for line in Path(result["trajectory_path"]).read_text().splitlines()]
+    assert lines[0]["limits"]["cell_timeout_s"] == 0.5
+    cell = lines[1]["code_blocks"][0]["result"]
+    assert cell["timed_out"] is True and cell["execution_time"] < 20

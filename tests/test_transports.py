@@ -539,6 +539,15 @@ def test_run_prints_only_the_answer_on_stdout_and_progress_on_stderr(model_serve
     assert "Traceback" not in done.stderr
 
 
+def test_run_with_a_timeout_below_the_default_cell_timeout_answers(model_server, tmp_path, needle_file):
+    """`--timeout 60` once failed: the default 300 s cell timeout exceeded it."""
+    done = rlm_mcp(model_server, tmp_path / "home", "run", "--timeout", "60", "--context", str(needle_file), QUESTION)
+    assert (done.returncode, done.stdout) == (0, "HTTP-7\n"), done.stderr
+    contradictory = rlm_mcp(model_server, tmp_path / "home", "run", "--timeout", "60", "--cell-timeout", "120",
+                            "--context", str(needle_file), QUESTION)
+    assert_one_error_line(contradictory, "cell_timeout_s (120) cannot exceed timeout_s (60)")
+
+
 def test_run_reads_the_context_from_stdin(model_server, tmp_path):
     done = rlm_mcp(model_server, tmp_path / "home", "run", "--context", "-", QUESTION,
                    stdin=haystack(300_000, "STDIN-3"))
