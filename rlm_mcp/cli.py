@@ -43,9 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve MCP (stdio by default)")
     serve.add_argument("--transport", choices=("stdio", "sse", "http"), default="stdio")
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="bind address for sse/http; non-loopback needs RLM_MCP_AUTH_TOKEN")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address for sse/http (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--no-auth", action="store_true", default=None,
+                       help="sse/http on a loopback address without a bearer token (RLM_MCP_NO_AUTH); by "
+                            "default clients must send RLM_MCP_AUTH_TOKEN, or the token generated at start")
 
     run = commands.add_parser("run", help="answer one question over a file, directory or stdin")
     run.add_argument("question")
@@ -76,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
             from rlm_mcp.server import serve
 
             transport = getattr(args, "transport", "stdio")
+            if getattr(args, "no_auth", None):
+                settings = replace(settings, no_auth=True)
             serve(settings, transport, getattr(args, "host", "127.0.0.1"), getattr(args, "port", 8765))
         elif args.command == "run":
             sys.exit(asyncio.run(_run(settings, args)))

@@ -16,6 +16,8 @@ from pathlib import Path
 from rlm_mcp.errors import ConfigError
 
 SANDBOX_NAMES = ("local", "docker", "daytona")
+MAX_MESSAGE_MB = 64  # one worker-to-host protocol message (a sub-call prompt, a cell result)
+MAX_SANDBOXES = 16   # live sandboxes per server, all runs and child RLMs together
 LOCAL_ISOLATION = ("auto", "bwrap", "none")
 
 
@@ -106,6 +108,7 @@ class Settings:
     model_retries: int = 3
     max_runs: int = 4
     auth_token: str | None = None
+    no_auth: bool = False
     allowed_roots: tuple[Path, ...] = ()
     allow_private_urls: bool = False
     max_context_bytes: int = 2 * 1024**3
@@ -116,6 +119,8 @@ class Settings:
     sandbox_memory_mb: int = 4096
     sandbox_cpus: float = 1.0
     sandbox_pids: int = 256
+    max_message_mb: int = MAX_MESSAGE_MB
+    max_sandboxes: int = MAX_SANDBOXES
     docker_image: str = "rlm-mcp-sandbox:latest"
     docker_pool_size: int = 0
     daytona_api_key: str | None = None
@@ -173,6 +178,7 @@ class Settings:
             model_retries=reader.integer("RLM_MCP_MODEL_RETRIES", 3),
             max_runs=reader.integer("RLM_MCP_MAX_RUNS", 4, low=1),
             auth_token=env.get("RLM_MCP_AUTH_TOKEN") or None,
+            no_auth=reader.flag("RLM_MCP_NO_AUTH", False),
             allowed_roots=roots,
             allow_private_urls=reader.flag("RLM_MCP_ALLOW_PRIVATE_URLS", False),
             max_context_bytes=reader.integer("RLM_MCP_MAX_CONTEXT_BYTES", 2 * 1024**3, low=1),
@@ -183,6 +189,9 @@ class Settings:
             sandbox_memory_mb=reader.integer("RLM_MCP_SANDBOX_MEMORY_MB", 4096, low=64),
             sandbox_cpus=reader.number("RLM_MCP_SANDBOX_CPUS", 1.0),
             sandbox_pids=reader.integer("RLM_MCP_SANDBOX_PIDS", 256, low=8),
+            max_message_mb=reader.integer("RLM_MCP_MAX_MESSAGE_MB", MAX_MESSAGE_MB, low=1),
+            # At least the deepest allowed max_depth: a run needs one sandbox per level to progress.
+            max_sandboxes=reader.integer("RLM_MCP_MAX_SANDBOXES", MAX_SANDBOXES, low=5),
             docker_image=env.get("RLM_MCP_DOCKER_IMAGE") or "rlm-mcp-sandbox:latest",
             docker_pool_size=reader.integer("RLM_MCP_DOCKER_POOL", 0),
             daytona_api_key=env.get("DAYTONA_API_KEY") or None,

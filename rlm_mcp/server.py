@@ -9,7 +9,11 @@ import functools
 import hmac
 import ipaddress
 import logging
+import secrets
+import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from mcp.server import MCPServer
@@ -23,6 +27,7 @@ from rlm_mcp import __version__
 from rlm_mcp.config import Settings
 from rlm_mcp.engine import RlmEngine, RunEvent, RunRequest, RunResult
 from rlm_mcp.errors import ConfigError, RlmError
+from rlm_mcp.private import private_dir, write_private_text
 from rlm_mcp.runs import Run, RunManager, shape_of
 from rlm_mcp.store import ContextInfo, ContextPage, ContextStore
 from rlm_mcp.trajectory import trajectory_page
@@ -433,7 +438,9 @@ class BearerAuth:
             header = dict(scope.get("headers") or []).get(b"authorization", b"")
             scheme, _, supplied = header.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(supplied.strip(), self.token):
-                body = b'{"error": "missing or wrong bearer token: send Authorization: Bearer <RLM_MCP_AUTH_TOKEN>"}'
+                body = (b'{"error": "missing or wrong bearer token: send Authorization: Bearer <token>, where the '
+                        b'token is RLM_MCP_AUTH_TOKEN or the one the server printed at start and wrote to its '
+                        b'token file"}')
                 await send({"type": "http.response.start", "status": 401,
                             "headers": [(b"content-type", b"application/json"),
                                         (b"www-authenticate", b"Bearer")]})
@@ -442,11 +449,79 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-def http_app(server: MCPServer, settings: Settings, transport: str, host: str) -> Any:
+@dataclass(frozen=True)
+class HttpAuth:
+    """How an HTTP server checks its clients: a bearer token (given or generated), or none."""
+
+    token: str | None
+    token_file: Path | None = None  # where a generated token was written
+
+    @property
+    def generated(self) -> bool:
+        return self.token_file is not None
+
+
+def token_file_path(settings: Settings, port: int) -> Path:
+    """Where an HTTP server on ``port`` writes the token it generated."""
+    return Path(settings.home).expanduser() / f"http-{port}.token"
+
+
+def http_auth(settings: Settings, host: str, port: int) -> HttpAuth:
+    """The token rule, as in Jupyter: a token always, generated when none is given; no token
+    only when asked explicitly, and only on loopback (any local user could reach it, but no one
+    else)."""
+    if settings.no_auth:
+        if settings.auth_token:
+            raise ConfigError("RLM_MCP_AUTH_TOKEN is set and --no-auth (or RLM_MCP_NO_AUTH) asks for no token: "
+                              "drop one of the two")
+        if not is_loopback(host):
+            raise ConfigError(f"refusing --no-auth (RLM_MCP_NO_AUTH) on {host}, which is not a loopback address: "
+                              "anyone who can reach it could read files as this server's user. Serve without "
+                              "--no-auth (a token is then generated, or set RLM_MCP_AUTH_TOKEN), or bind 127.0.0.1")
+        return HttpAuth(None)
+    if settings.auth_token:
+        return HttpAuth(settings.auth_token)
+    token = secrets.token_urlsafe(32)
+    path = token_file_path(settings, port)
+    private_dir(path.parent, tighten=False)
+    write_private_text(path, token + "\n")
+    return HttpAuth(token, path)
+
+
+def forget_generated_token(auth: HttpAuth) -> None:
+    """Remove the token file at shutdown (unless a newer server on the port rewrote it)."""
+    if auth.token_file is None:
+        return
+    with contextlib.suppress(OSError):
+        if auth.token_file.read_text(encoding="utf-8").strip() == auth.token:
+            auth.token_file.unlink()
+
+
+def announce(transport: str, host: str, port: int, auth: HttpAuth) -> str:
+    """What the operator needs to connect, printed to stderr at start."""
+    shown_host = f"[{host}]" if ":" in host else host
+    url = f"http://{shown_host}:{port}{'/sse' if transport == 'sse' else '/mcp'}"
+    name = "SSE" if transport == "sse" else "streamable HTTP"
+    lines = [f"rlm-mcp: serving MCP ({name}) at {url}"]
+    if auth.token is None:
+        lines.append("rlm-mcp: WARNING: no token (--no-auth): every local user can use this server, "
+                     "and read any file it can read")
+        return "\n".join(lines) + "\n"
+    if auth.generated:
+        lines.append(f"rlm-mcp: token (new at each start; also in {auth.token_file}, readable only by this user): "
+                     f"{auth.token}")
+        header = f"Authorization: Bearer {auth.token}"
+    else:
+        lines.append("rlm-mcp: token: the value of RLM_MCP_AUTH_TOKEN")
+        header = "Authorization: Bearer $RLM_MCP_AUTH_TOKEN"
+    lines.append(f"rlm-mcp: send it with every request as the header  {header}")
+    lines.append(f"rlm-mcp: e.g. claude mcp add --transport {'sse' if transport == 'sse' else 'http'} rlm {url} "
+                 f"--header \"{header}\"")
+    return "\n".join(lines) + "\n"
+
+
+def http_app(server: MCPServer, transport: str, host: str, auth: HttpAuth) -> Any:
     """The Starlette app for sse/http, with the bind rules applied."""
-    if not is_loopback(host) and not settings.auth_token:
-        raise ConfigError(f"refusing to serve on {host}, which is not a loopback address, without a token: "
-                          "set RLM_MCP_AUTH_TOKEN (clients then send Authorization: Bearer <token>)")
     if is_loopback(host):
         # The SDK turns DNS-rebinding protection on by itself only for the exact names
         # 127.0.0.1 / localhost / ::1; any loopback bind (127.0.0.2, ...) gets it explicitly.
@@ -462,14 +537,46 @@ def http_app(server: MCPServer, settings: Settings, transport: str, host: str) -
         app = server.sse_app(transport_security=security, host=host)
     else:
         app = server.streamable_http_app(transport_security=security, host=host)
-    return BearerAuth(app, settings.auth_token) if settings.auth_token else app
+    return BearerAuth(app, auth.token) if auth.token else app
+
+
+class OnShutdown:
+    """ASGI wrapper running ``cleanup`` when the app shuts down, before it reports so: uvicorn
+    re-raises SIGTERM/SIGINT right after its shutdown, so code after ``serve()`` never runs then."""
+
+    def __init__(self, app: Any, cleanup: Callable[[], Awaitable[None]]) -> None:
+        self.app = app
+        self.cleanup = cleanup
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_after_cleanup(message: dict[str, Any]) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                await self.cleanup()
+            await send(message)
+
+        await self.app(scope, receive, send_after_cleanup)
 
 
 def serve(settings: Settings, transport: str = "stdio", host: str = "127.0.0.1", port: int = 8765) -> None:
     """Run the server until it is stopped; runs and sandboxes are cleaned up on the way out."""
+    # The token rule first: a refused bind must not leave anything behind.
+    auth = None if transport == "stdio" else http_auth(settings, host, port)
     services = Services.create(settings)
     server = build_server(services)
-    app = None if transport == "stdio" else http_app(server, settings, transport, host)
+    closed = asyncio.Event()
+
+    async def close() -> None:
+        if not closed.is_set():
+            closed.set()
+            await services.aclose()
+            if auth is not None:
+                forget_generated_token(auth)
+
+    app = None if auth is None else OnShutdown(http_app(server, transport, host, auth), close)
 
     async def main() -> None:
         warm_up = None
@@ -481,9 +588,10 @@ def serve(settings: Settings, transport: str = "stdio", host: str = "127.0.0.1",
             else:
                 import uvicorn
 
-                path = "/sse" if transport == "sse" else "/mcp"
-                log.info("rlm-mcp %s on http://%s:%d%s%s", transport, host, port, path,
-                         " (bearer token required)" if settings.auth_token else "")
+                assert auth is not None
+                # Printed, not logged: the operator needs it whatever RLM_MCP_LOG_LEVEL says.
+                sys.stderr.write(announce(transport, host, port, auth))
+                sys.stderr.flush()
                 # log_config=None: uvicorn logs through our stderr handler (its default puts the
                 # access log on stdout, which belongs to the protocol on stdio).
                 config = uvicorn.Config(app, host=host, port=port, log_level=settings.log_level.lower(),
@@ -492,9 +600,13 @@ def serve(settings: Settings, transport: str = "stdio", host: str = "127.0.0.1",
         finally:
             if warm_up is not None:
                 warm_up.cancel()
-            await services.aclose()
+            await close()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        if auth is not None:  # e.g. the port was taken: uvicorn exits before any lifespan
+            forget_generated_token(auth)
 
 
 async def _warm_up(services: Services) -> None:

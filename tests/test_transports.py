@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import statistics
 import subprocess
 import sys
@@ -281,6 +282,7 @@ def test_stdio_stdout_carries_nothing_but_json_rpc_and_stdin_eof_stops_the_serve
         message = json.loads(line)
         assert message.get("jsonrpc") == "2.0" and ("id" in message or "method" in message), line
     assert "stored context" in "".join(server.stderr)
+    assert not list((tmp_path / "home").glob("*.token"))  # stdio needs no token
 
 
 # ----- startup --------------------------------------------------------------------------------
@@ -438,7 +440,7 @@ def test_streamable_http_without_the_right_token_gets_401(serve, authorization):
     response = httpx.post(f"http://127.0.0.1:{port}/mcp", json=INIT_POST, headers=headers, timeout=30)
     assert response.status_code == 401
     assert response.headers["www-authenticate"] == "Bearer"
-    assert "Authorization: Bearer <RLM_MCP_AUTH_TOKEN>" in response.json()["error"]
+    assert "Authorization: Bearer <token>" in response.json()["error"]
     # The same request with the token is served.
     ok = httpx.post(f"http://127.0.0.1:{port}/mcp", json=INIT_POST, timeout=30,
                     headers=dict(MCP_HEADERS, Authorization=f"Bearer {TOKEN}"))
@@ -457,18 +459,87 @@ async def test_sse_with_the_bearer_token_lists_tools_and_refuses_without_it(serv
     assert httpx.post(f"http://127.0.0.1:{port}/messages/?session_id=0", json={}, timeout=30).status_code == 401
 
 
-# ----- bind rules -----------------------------------------------------------------------------
+# ----- tokens and bind rules ------------------------------------------------------------------
+
+
+def generated_token(home: Path, port: int) -> str:
+    path = home / f"http-{port}.token"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600, oct(path.stat().st_mode)
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700, oct(home.stat().st_mode)
+    return path.read_text().strip()
 
 
 @pytest.mark.parametrize("transport", ["http", "sse"])
-def test_a_public_bind_without_a_token_exits_with_one_line_naming_the_variable(serve, transport):
-    served = serve("--transport", transport, "--host", "0.0.0.0", "--port", str(free_port()),
-                   RLM_MCP_AUTH_TOKEN=None)
+async def test_without_a_configured_token_http_requires_the_generated_one(serve, tmp_path, transport):
+    """Like Jupyter: no RLM_MCP_AUTH_TOKEN means a fresh token, printed and written to a 0600
+    file; a loopback server is not open to every local user."""
+    port = free_port()
+    served = serve("--transport", transport, "--port", str(port), RLM_MCP_AUTH_TOKEN=None).wait_ready()
+    token = generated_token(tmp_path / "home", port)
+    assert len(token) >= 40
+    printed = "".join(served.stderr)
+    assert f"token (new at each start; also in {tmp_path / 'home' / f'http-{port}.token'}" in printed
+    assert f"Authorization: Bearer {token}" in printed
+    path = "/sse" if transport == "sse" else "/mcp"
+    url = f"http://127.0.0.1:{port}{path}"
+    if transport == "http":
+        assert httpx.post(url, json=INIT_POST, headers=MCP_HEADERS, timeout=30).status_code == 401
+        async with bearer_client(token) as http:
+            async with Client(streamable_http_client(url, http_client=http), read_timeout_seconds=60) as client:
+                assert {tool.name for tool in (await client.list_tools()).tools} == TOOLS
+    else:
+        assert httpx.get(url, timeout=30).status_code == 401
+        async with Client(sse_client(url, headers={"Authorization": f"Bearer {token}"}),
+                          read_timeout_seconds=60) as client:
+            assert {tool.name for tool in (await client.list_tools()).tools} == TOOLS
+    assert served.stop() in (0, -signal.SIGTERM), served.log
+    assert not (tmp_path / "home" / f"http-{port}.token").exists()  # a stopped server's token is gone
+
+
+def test_each_start_generates_a_new_token_and_the_old_one_is_refused(serve, tmp_path):
+    port = free_port()
+    first = serve("--transport", "http", "--port", str(port), RLM_MCP_AUTH_TOKEN=None).wait_ready()
+    old = generated_token(tmp_path / "home", port)
+    assert first.stop() in (0, -signal.SIGTERM), first.log
+    serve("--transport", "http", "--port", str(port), RLM_MCP_AUTH_TOKEN=None).wait_ready()
+    new = generated_token(tmp_path / "home", port)
+    url = f"http://127.0.0.1:{port}/mcp"
+    assert new != old
+    assert httpx.post(url, json=INIT_POST, timeout=30,
+                      headers=dict(MCP_HEADERS, Authorization=f"Bearer {old}")).status_code == 401
+    assert httpx.post(url, json=INIT_POST, timeout=30,
+                      headers=dict(MCP_HEADERS, Authorization=f"Bearer {new}")).status_code == 200
+
+
+def test_a_public_bind_without_a_token_serves_with_a_generated_one(serve, tmp_path):
+    port = free_port()
+    serve("--transport", "http", "--host", "0.0.0.0", "--port", str(port), RLM_MCP_AUTH_TOKEN=None).wait_ready()
+    token = generated_token(tmp_path / "home", port)
+    url = f"http://127.0.0.1:{port}/mcp"
+    assert httpx.post(url, json=INIT_POST, headers=MCP_HEADERS, timeout=30).status_code == 401
+    assert httpx.post(url, json=INIT_POST, timeout=30,
+                      headers=dict(MCP_HEADERS, Authorization=f"Bearer {token}")).status_code == 200
+
+
+@pytest.mark.parametrize("transport", ["http", "sse"])
+@pytest.mark.parametrize("how", ["flag", "variable"])
+def test_no_auth_on_a_public_bind_exits_with_one_line_and_leaves_no_token(serve, tmp_path, transport, how):
+    args = ["--transport", transport, "--host", "0.0.0.0", "--port", str(free_port())]
+    served = serve(*args, "--no-auth", RLM_MCP_AUTH_TOKEN=None) if how == "flag" else \
+        serve(*args, RLM_MCP_AUTH_TOKEN=None, RLM_MCP_NO_AUTH="true")
     assert served.wait_exit() == 2
     lines = [line for line in served.stderr if line.strip()]
     assert len(lines) == 1, lines
-    assert lines[0].startswith("rlm-mcp: error: ") and "RLM_MCP_AUTH_TOKEN" in lines[0]
-    assert "0.0.0.0" in lines[0] and "Traceback" not in lines[0]
+    assert lines[0].startswith("rlm-mcp: error: refusing --no-auth (RLM_MCP_NO_AUTH) on 0.0.0.0"), lines[0]
+    assert "loopback" in lines[0] and "Traceback" not in lines[0]
+    assert list((tmp_path / "home").glob("*.token")) == []  # refused before anything was written
+
+
+def test_no_auth_together_with_a_token_is_refused(serve):
+    served = serve("--transport", "http", "--port", str(free_port()), "--no-auth", RLM_MCP_AUTH_TOKEN=TOKEN)
+    assert served.wait_exit() == 2
+    lines = [line for line in served.stderr if line.strip()]
+    assert len(lines) == 1 and "RLM_MCP_AUTH_TOKEN is set and --no-auth" in lines[0], lines
 
 
 def test_a_public_bind_with_a_token_serves_and_asks_for_it(serve):
@@ -479,12 +550,19 @@ def test_a_public_bind_with_a_token_serves_and_asks_for_it(serve):
     ok = httpx.post(f"http://127.0.0.1:{port}/mcp", json=INIT_POST, timeout=30,
                     headers=dict(MCP_HEADERS, Authorization=f"Bearer {TOKEN}", Host="rlm.example.com"))
     assert ok.status_code == 200, ok.text
+    assert "the value of RLM_MCP_AUTH_TOKEN" in served.log and TOKEN not in served.log
     assert served.stop() in (0, -signal.SIGTERM), served.log
 
 
-def test_loopback_without_a_token_serves_but_refuses_foreign_host_and_origin_headers(serve):
+@pytest.mark.parametrize("how", ["flag", "variable"])
+def test_loopback_with_no_auth_serves_without_a_token_but_refuses_foreign_host_and_origin_headers(serve, how):
     port = free_port()
-    serve("--transport", "http", "--port", str(port), RLM_MCP_AUTH_TOKEN=None).wait_ready()
+    if how == "flag":
+        served = serve("--transport", "http", "--port", str(port), "--no-auth", RLM_MCP_AUTH_TOKEN=None).wait_ready()
+    else:
+        served = serve("--transport", "http", "--port", str(port), RLM_MCP_AUTH_TOKEN=None,
+                       RLM_MCP_NO_AUTH="1").wait_ready()
+    assert "WARNING: no token" in served.log
     url = f"http://127.0.0.1:{port}/mcp"
     ok = httpx.post(url, json=INIT_POST, headers=MCP_HEADERS, timeout=30)
     assert ok.status_code == 200 and "rlm-mcp" in ok.text
@@ -496,11 +574,12 @@ def test_loopback_without_a_token_serves_but_refuses_foreign_host_and_origin_hea
                       timeout=30).status_code == 200
 
 
-def test_any_loopback_bind_without_a_token_refuses_foreign_host_headers(serve):
+def test_any_loopback_bind_with_no_auth_refuses_foreign_host_headers(serve):
     """Not only the SDK's three names: 127.0.0.2 is loopback too, served tokenless, so it needs
     the same protection (regression: it once got none)."""
     port = free_port()
-    serve("--transport", "http", "--host", "127.0.0.2", "--port", str(port), RLM_MCP_AUTH_TOKEN=None).wait_ready()
+    serve("--transport", "http", "--host", "127.0.0.2", "--port", str(port), "--no-auth",
+          RLM_MCP_AUTH_TOKEN=None).wait_ready()
     url = f"http://127.0.0.2:{port}/mcp"
     assert httpx.post(url, json=INIT_POST, headers=MCP_HEADERS, timeout=30).status_code == 200
     rebound = httpx.post(url, json=INIT_POST, headers=dict(MCP_HEADERS, Host="evil.example"), timeout=30)
