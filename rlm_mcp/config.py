@@ -19,6 +19,7 @@ SANDBOX_NAMES = ("local", "docker", "daytona")
 MAX_MESSAGE_MB = 64  # one worker-to-host protocol message (a sub-call prompt, a cell result)
 MAX_SANDBOXES = 16   # live sandboxes per server, all runs and child RLMs together
 LOCAL_ISOLATION = ("auto", "bwrap", "none")
+LOCAL_UID = 65534  # uid and gid of local sandboxes when the server runs as root (nobody)
 
 
 def default_home(environ: Mapping[str, str]) -> Path:
@@ -116,6 +117,7 @@ class Settings:
     max_files: int = 20_000
     url_timeout_s: float = 120.0
     local_isolation: str = "auto"
+    local_uid: int = LOCAL_UID
     sandbox_memory_mb: int = 4096
     sandbox_cpus: float = 1.0
     sandbox_pids: int = 256
@@ -186,6 +188,7 @@ class Settings:
             max_files=reader.integer("RLM_MCP_MAX_FILES", 20_000, low=1),
             url_timeout_s=reader.number("RLM_MCP_URL_TIMEOUT_S", 120.0),
             local_isolation=isolation,
+            local_uid=reader.integer("RLM_MCP_LOCAL_UID", LOCAL_UID, low=1),
             sandbox_memory_mb=reader.integer("RLM_MCP_SANDBOX_MEMORY_MB", 4096, low=64),
             sandbox_cpus=reader.number("RLM_MCP_SANDBOX_CPUS", 1.0),
             sandbox_pids=reader.integer("RLM_MCP_SANDBOX_PIDS", 256, low=8),
