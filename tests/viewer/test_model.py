@@ -1,0 +1,197 @@
+"""The view-model: trajectories written by the real engine (and by hand) read into bounded JSON."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from rlm_mcp.errors import ConfigError, RunNotFound
+from rlm_mcp.trajectory import TrajectoryWriter
+from rlm_mcp.viewer import (MCP_APP_MIME, VIEW_FORMAT, app_html, build_view, iter_nodes, render_html,
+                            run_summaries, script_json, view_etag)
+from rlm_mcp.viewer.model import CAPS, FLOORS, cut
+from rlm_mcp.viewer.synthetic import write_run
+from tests.viewer.conftest import HOSTILE, iteration_record, metadata, tree_run
+
+MARKER = re.compile(r"\.\.\. \[\+([\d,]+) chars\]\Z")
+
+
+def strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from strings(item)
+
+
+def test_a_finished_engine_run_becomes_a_view_with_its_outcome_usage_and_sub_calls(engine_runs):
+    run = engine_runs["finished"]
+    view = build_view(run.directory, run.run_id)
+    root = view["root"]
+    assert (view["format"], view["running"], root["status"], root["answer"]) == (VIEW_FORMAT, False, "completed", "VIEW-7")
+    assert len(root["iterations"]) == run.result.iterations
+    assert root["totals"]["subcalls"] == run.result.subcalls > 0
+    assert root["usage"] == {model: usage.model_dump() for model, usage in run.result.usage.items()}
+    assert root["sandbox"] == "local" and root["model"] == "openai/needle"
+    first_block = root["iterations"][0]["blocks"][0]
+    assert first_block["code"] and first_block["stdout"] and first_block["dur"] is not None
+    # The same view from the file's path
+    assert build_view(run.path)["root"]["iterations"] == root["iterations"]
+
+
+def test_the_view_never_holds_the_context_and_every_string_is_bounded(engine_runs):
+    run = engine_runs["finished"]
+    view = build_view(run.directory, run.run_id)
+    text = json.dumps(view)
+    assert len(text) < 60_000  # the context is 900,000 characters; sub-call prompts carried 400,000 each
+    longest_cap = max(CAPS.values())
+    for value in strings(view):
+        match = MARKER.search(value)
+        assert len(value) <= longest_cap + 30, value[:80]
+        if match:  # a cut string says how much was cut
+            assert int(match.group(1).replace(",", "")) > 0
+
+
+def test_a_second_cut_keeps_one_marker_that_counts_both_cuts():
+    engine_excerpt = "a" * 500 + "... [+1,500 chars]"  # the engine cut 2,000 characters to 500
+    assert cut(engine_excerpt, 100) == "a" * 100 + "... [+1,900 chars]"
+    assert cut(engine_excerpt, 600) == engine_excerpt
+    assert cut("short", 10) == "short"
+
+
+def test_a_failed_run_shows_its_error_and_the_iterations_before_it(engine_runs):
+    run = engine_runs["failed"]
+    root = build_view(run.directory, run.run_id)["root"]
+    assert root["status"] == "failed"
+    assert "upstream exploded" in root["error"] or "after 2 attempts" in root["error"]
+    assert root["iterations"][0]["blocks"][0]["stdout"] == "before the failure\n"
+
+
+def test_a_limit_run_names_the_limit_and_marks_the_answer_now_call(engine_runs):
+    run = engine_runs["limit"]
+    root = build_view(run.directory, run.run_id)["root"]
+    assert (root["status"], root["limit"], root["answer"]) == ("limit_reached", "max_iterations", "best guess")
+    assert [it["answer_now"] for it in root["iterations"]] == [False, False, True]
+
+
+def test_child_rlms_hang_under_their_parent_and_calls_link_to_them(engine_runs):
+    run = engine_runs["children"]
+    view = build_view(run.directory, run.run_id)
+    root = view["root"]
+    children = root["children"]
+    assert len(children) == 3 and all(child["status"] == "completed" for child in children)
+    linked = [call["child"] for it in root["iterations"] for block in it["blocks"] for call in block["calls"]
+              if "child" in call]
+    assert sorted(linked) == sorted(child["id"] for child in children)
+    # Tokens of a child call are the child's own, and the tree's total matches the engine's count.
+    assert root["totals"]["tokens"] == run.result.input_tokens + run.result.output_tokens
+
+
+def test_grandchildren_nest_under_their_parent_child(tmp_path):
+    path = tree_run(tmp_path)
+    view = build_view(path)
+    ids = [[child["id"] for child in node["children"]] for node in iter_nodes(view)]
+    run_id = view["run_id"]
+    assert ids[0] == [f"{run_id}.1", f"{run_id}.2"]
+    assert [node["id"] for node in iter_nodes(view)] == [run_id, f"{run_id}.1", f"{run_id}.2", f"{run_id}.2.3"]
+
+
+def test_a_run_in_progress_reads_with_a_half_written_last_line(tmp_path):
+    writer = TrajectoryWriter(tmp_path / "run-1.jsonl", metadata("run-1", "run-1", "q"))
+    writer.iteration(iteration_record(1))
+    with (tmp_path / "run-1.jsonl").open("a", encoding="utf-8") as handle:
+        handle.write('{"type": "iteration", "iteration": 2, "respo')  # the writer is mid-line
+    view = build_view(tmp_path, "run-1")
+    assert view["running"] is True
+    assert view["root"]["status"] == "running"
+    assert (len(view["root"]["iterations"]), view["root"]["partial_tail"], view["root"]["bad_lines"]) == (1, True, 0)
+
+
+def test_the_etag_changes_when_a_file_of_the_tree_changes(tmp_path):
+    path = tree_run(tmp_path)
+    run_id = path.name.removesuffix(".jsonl")
+    before = view_etag(tmp_path, run_id)
+    assert view_etag(tmp_path, run_id) == before == build_view(path)["etag"]
+    with (tmp_path / f"{run_id}.2.3.jsonl").open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"type": "iteration", "iteration": 2}) + "\n")
+    assert view_etag(tmp_path, run_id) != before
+
+
+def test_garbage_lines_and_wrong_types_are_skipped_not_fatal(tmp_path):
+    lines = [
+        json.dumps({"type": "metadata", "run_id": "run-x", "status": "completed", "query": ["not", "a", "string"],
+                    "usage": {"m": {"calls": "many", "input_tokens": float("inf")}}, "limits": "none"}),
+        "not json at all",
+        json.dumps([1, 2, 3]),
+        json.dumps({"type": "iteration", "iteration": "one", "response": 42, "code_blocks": {"not": "a list"},
+                    "usage": None, "iteration_time": "slow"}),
+        json.dumps({"type": "iteration", "code_blocks": [None, {"code": None, "result": {"rlm_calls": [None, 5]}}]}),
+    ]
+    (tmp_path / "run-x.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    view = build_view(tmp_path, "run-x")
+    root = view["root"]
+    assert root["bad_lines"] == 2 and len(root["iterations"]) == 2
+    assert root["usage"] == {"m": {"calls": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": None}}
+    assert root["iterations"][1]["blocks"][1]["calls"][0]["prompt"] == ""
+    json.dumps(view, allow_nan=False)  # still valid JSON for the page
+    (tmp_path / "run-y.jsonl").write_text(json.dumps({"type": "metadata", "limits": {"timeout_s": float("nan")}}) + "\n")
+    assert build_view(tmp_path, "run-y")["root"]["limits"] == {"timeout_s": None}
+
+
+@pytest.mark.parametrize("run_id", ["../etc/passwd", "a/b", "", "run*", ".."])
+def test_a_run_id_that_could_leave_the_directory_is_refused(tmp_path, run_id):
+    with pytest.raises(ConfigError, match="is not a run id"):
+        build_view(tmp_path, run_id)
+
+
+def test_a_missing_run_says_how_to_find_one(tmp_path):
+    with pytest.raises(RunNotFound, match="rlm-mcp runs"):
+        build_view(tmp_path, "run-nope")
+    with pytest.raises(ConfigError, match="not a trajectory"):
+        build_view(tmp_path / "notes.txt")
+
+
+def test_a_very_large_run_is_cut_to_the_budget(tmp_path):
+    path = write_run(tmp_path, iterations=200, subcalls=4_000, children=5)
+    small = build_view(path, budget_chars=200_000)
+    large = build_view(path, budget_chars=50_000_000)
+    assert small["excerpts"]["shrunk"] and not large["excerpts"]["shrunk"]
+    assert all(small["excerpts"]["caps"][kind] >= FLOORS[kind] for kind in CAPS)
+    assert len(json.dumps(small)) < len(json.dumps(large)) / 2
+    assert sum(len(node["iterations"]) for node in iter_nodes(small)) == 200 + 5 * 3
+
+
+def test_script_json_cannot_close_its_script_element():
+    text = script_json({"a": HOSTILE, "b": "x & y <!-- -->"})
+    assert "<" not in text and ">" not in text and "&" not in text
+    assert json.loads(text) == {"a": HOSTILE, "b": "x & y <!-- -->"}
+
+
+def test_rendered_pages_hold_data_only_as_inert_json(engine_runs):
+    run = engine_runs["hostile"]
+    page = render_html(build_view(run.directory, run.run_id))
+    assert HOSTILE not in page  # every < of the run's strings is escaped in the embedded JSON
+    assert page.count("<script") == 3  # config, data and the viewer's own script
+    assert "script-src 'sha256-" in page and "connect-src 'none'" in page
+    served = render_html(None, data_url="/runs/x/view.json")
+    assert "connect-src 'self'" in served and '"mode":"served"' in served
+    assert '"mode":"mcp-app"' in app_html() and MCP_APP_MIME == "text/html;profile=mcp-app"
+    with pytest.raises(ConfigError):
+        render_html(None, data_url="javascript:alert(1)")
+
+
+def test_run_summaries_list_root_runs_newest_first(engine_runs):
+    directory = engine_runs["finished"].directory
+    summaries = run_summaries(directory, limit=100)
+    ids = [s["run_id"] for s in summaries]
+    assert engine_runs["children"].run_id in ids and not any("." in run_id for run_id in ids)
+    finished = next(s for s in summaries if s["run_id"] == engine_runs["finished"].run_id)
+    assert (finished["status"], finished["query"]) == ("completed", "What is the secret code?")
+    assert run_summaries(directory, limit=2) == summaries[:2]
+    assert run_summaries(Path("/nonexistent/dir")) == []
