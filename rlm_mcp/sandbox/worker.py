@@ -11,6 +11,12 @@ a private capture file, so nothing user code does with ``print``, ``sys.stdout``
 
 host -> worker: ``init``, ``exec``, ``reply``, ``interrupt``, ``shutdown``
 worker -> host: ``ready``, ``call`` (llm_query / rlm_query), ``result``, ``fatal``
+
+Options (all optional; the local backend uses them, Docker and Daytona need none):
+``--context-fd N`` reads the context from inherited descriptor N instead of ``init``'s
+``context_path`` (the sandbox's user may not be allowed to open the store's file);
+``--site-dir PATH`` adds a site directory (the server's packages, reached through a descriptor);
+``--max-processes N`` caps the processes of the sandbox's user (counted per user namespace).
 """
 
 from __future__ import annotations
@@ -154,7 +160,8 @@ class Repl:
 
     # ----- context -------------------------------------------------------------------------
 
-    def load_context(self, path: str | None, kind: str) -> None:
+    def load_context(self, path: str | int | None, kind: str) -> None:
+        """Load from a path, or from an open descriptor (read once, then closed)."""
         if path is None:
             self.context = "" if kind == "text" else []
         elif kind == "documents":
@@ -339,7 +346,8 @@ def _format_user_traceback() -> str:
 
 
 class Worker:
-    def __init__(self) -> None:
+    def __init__(self, context_fd: int | None = None) -> None:
+        self.context_fd = context_fd
         # Keep the protocol on private descriptors; fd 0 and fd 1 become harmless.
         proto_in, proto_out = os.dup(0), os.dup(1)
         null_fd = os.open(os.devnull, os.O_RDONLY)
@@ -401,7 +409,9 @@ class Worker:
         if kind == "init":
             self.repl.max_output_chars = int(job.get("max_output_chars", 20_000))
             try:
-                self.repl.load_context(job.get("context_path"), job.get("context_kind", "text"))
+                source = self.context_fd if self.context_fd is not None else job.get("context_path")
+                self.context_fd = None  # a descriptor is read once; a second init has no context
+                self.repl.load_context(source, job.get("context_kind", "text"))
             except OSError as exc:
                 self.channel.send({"type": "fatal", "error": f"cannot load context file "
                                    f"{job.get('context_path')}: {exc.strerror or exc}"})
@@ -469,9 +479,28 @@ class Worker:
             self.capture.truncate()
 
 
-def main() -> None:
-    Worker().serve()
+def main(argv: list[str]) -> None:
+    # Parsed by hand: argparse would add its imports to every sandbox start.
+    options: dict[str, list[str]] = {"--context-fd": [], "--site-dir": [], "--max-processes": []}
+    pairs = iter(argv)
+    for name in pairs:
+        value = next(pairs, None)
+        if name not in options or value is None:
+            sys.exit(f"worker.py: unknown option or missing value: {name}")
+        options[name].append(value)
+    if options["--max-processes"]:
+        import resource
+
+        limit = int(options["--max-processes"][-1])
+        resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
+    if options["--site-dir"]:
+        import site
+
+        for directory in options["--site-dir"]:
+            site.addsitedir(directory)
+    context_fd = int(options["--context-fd"][-1]) if options["--context-fd"] else None
+    Worker(context_fd).serve()
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
