@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from rlm_mcp import prompts, replies
 from rlm_mcp.config import Limits, Settings
 from rlm_mcp.errors import ConfigError, LimitExceeded, RlmError
+from rlm_mcp.leftovers import owned_temp_prefix
 from rlm_mcp.models import Completion, ModelClient
 from rlm_mcp.prompts import ContextShape
 from rlm_mcp.sandbox import CellResult, ContextFile, SandboxRegistry, SandboxSpec
@@ -144,7 +145,7 @@ class RlmEngine:
         model, sub_model, limits = self.prepare(request)
         run_id = run_id or unique_run_id()
         budget = Budget(limits)
-        with tempfile.TemporaryDirectory(prefix="rlm-run-") as workdir:
+        with tempfile.TemporaryDirectory(prefix=owned_temp_prefix("rlm-run")) as workdir:
             tree = _Tree(run_id, budget, limits, request.sandbox, Path(workdir), on_event)
             rlm = _Rlm(self, tree, depth=1, model=model, sub_model=sub_model, run_id=run_id)
             status: RunStatus = "completed"
@@ -231,11 +232,11 @@ class _Rlm:
         self.trajectory = TrajectoryWriter(self.engine.trajectory_path(self.run_id), self._metadata(query, shape))
         spec = SandboxSpec(context=context, handler=self.serve_call, max_output_chars=limits.max_output_chars,
                            labels={"rlm-mcp.run": self.tree.run_id}, cpu_limit_s=limits.timeout_s)
-        provider = self.engine.sandboxes.get(self.tree.sandbox)
         messages = [{"role": "system", "content": prompts.system_prompt(shape)},
                     {"role": "user", "content": prompts.first_user_message(query, shape)}]
         logged = 0
-        async with provider.create(spec) as sandbox:
+        async with self.engine.sandboxes.open(self.tree.sandbox, spec, depth=self.depth,
+                                              max_depth=limits.max_depth) as sandbox:
             for self.iteration in range(1, limits.max_iterations + 1):
                 if self.depth == 1:
                     self.tree.root_iterations = self.iteration

@@ -29,6 +29,7 @@ from rlm_mcp.engine import RlmEngine, RunEvent, RunRequest, RunResult
 from rlm_mcp.errors import ConfigError, RlmError
 from rlm_mcp.private import private_dir, write_private_text
 from rlm_mcp.runs import Run, RunManager, shape_of
+from rlm_mcp.sandbox import reap_leftovers
 from rlm_mcp.store import ContextInfo, ContextPage, ContextStore
 from rlm_mcp.trajectory import trajectory_page
 
@@ -579,6 +580,8 @@ def serve(settings: Settings, transport: str = "stdio", host: str = "127.0.0.1",
     app = None if auth is None else OnShutdown(http_app(server, transport, host, auth), close)
 
     async def main() -> None:
+        # What servers that died left behind (containers, temporary directories), off the loop.
+        reaper = asyncio.create_task(reap_leftovers(settings))
         warm_up = None
         if settings.docker_pool_size > 0:  # a warm pool is configured: fill it before the first run
             warm_up = asyncio.create_task(_warm_up(services))
@@ -598,6 +601,7 @@ def serve(settings: Settings, transport: str = "stdio", host: str = "127.0.0.1",
                                         lifespan="on", log_config=None)
                 await uvicorn.Server(config).serve()
         finally:
+            reaper.cancel()
             if warm_up is not None:
                 warm_up.cancel()
             await close()

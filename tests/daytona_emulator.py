@@ -10,7 +10,10 @@ Sandboxes are temporary directories; a session command is a local ``bash -c`` pr
 directory, in its own process group. As in Daytona's daemon:
 
 * command output is relabelled line by line into one log: ``\\x01\\x01\\x01`` + line + ``\\n``
-  for stdout, ``\\x02\\x02\\x02`` + line + ``\\n`` for stderr;
+  for stdout, ``\\x02\\x02\\x02`` + line + ``\\n`` for stderr (a last line without a newline
+  gets one); the log, and a line still being written, are kept on disk as the daemon keeps
+  them on the sandbox's disk, so the emulator's memory (the test process's) stays small
+  whatever a command prints;
 * ``.../logs?follow=true`` upgraded to a WebSocket streams that log from its beginning, in
   binary messages of at most 1024 bytes, and closes normally (1000) once the command ended;
 * session input is written to the command's stdin with a newline appended when missing, and
@@ -49,6 +52,7 @@ log = logging.getLogger("daytona_emulator")
 STDOUT_PREFIX = b"\x01\x01\x01"
 STDERR_PREFIX = b"\x02\x02\x02"
 LOG_CHUNK = 1024  # the daemon reads and sends the log in chunks of this size
+LINE_IN_MEMORY = 1 << 20  # a longer line being relabelled goes to a file
 SOURCE_API = "DAYTONA_API"
 SOURCE_DAEMON = "DAYTONA_DAEMON"
 
@@ -80,15 +84,51 @@ class Faults:
         self.break_log_streams = 0
 
 
-class EmulatedCommand:
-    """One session command: a local process and its relabelled log."""
+class PartialLine:
+    """A line being relabelled: in memory while short, spilled to a file in ``directory``."""
 
-    def __init__(self, command_id: str, command: str, suppress_input_echo: bool) -> None:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.head = bytearray()
+        self.spill: Any = None
+        self.size = 0
+
+    def add(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.spill is None and len(self.head) + len(data) <= LINE_IN_MEMORY:
+            self.head += data
+            return
+        if self.spill is None:
+            self.spill = tempfile.TemporaryFile(dir=self.directory)
+            self.spill.write(self.head)
+            self.head = bytearray()
+        self.spill.write(data)
+
+    def copy_to(self, target: Any) -> None:
+        """Write the line so far to ``target`` (blocking, for a spilled line)."""
+        if self.spill is None:
+            target.write(self.head)
+            return
+        self.spill.seek(0)
+        shutil.copyfileobj(self.spill, target, 1 << 20)
+
+    def clear(self) -> None:
+        if self.spill is not None:
+            self.spill.close()
+        self.spill, self.head, self.size = None, bytearray(), 0
+
+
+class EmulatedCommand:
+    """One session command: a local process and its relabelled log (a file)."""
+
+    def __init__(self, command_id: str, command: str, suppress_input_echo: bool, log_dir: Path) -> None:
         self.id = command_id
         self.command = command
         self.suppress_input_echo = suppress_input_echo
         self.process: asyncio.subprocess.Process | None = None
-        self.log = bytearray()
+        self.log_dir = log_dir
+        self._log = open(log_dir / f"{command_id}.log", "w+b")
+        self.log_size = 0
         self.exit_code: int | None = None
         self.finished = False
         self.version = 0
@@ -98,9 +138,35 @@ class EmulatedCommand:
 
     async def append(self, data: bytes) -> None:
         async with self.changed:
-            self.log += data
-            self.version += 1
-            self.changed.notify_all()
+            self._write(data)
+
+    async def append_line(self, prefix: bytes, line: PartialLine) -> None:
+        """Append ``prefix`` + the line + newline as one entry (the other stream waits)."""
+        async with self.changed:
+            self._log.seek(0, os.SEEK_END)
+            self._log.write(prefix)
+            if line.spill is None:
+                self._log.write(line.head)
+            else:
+                await asyncio.to_thread(line.copy_to, self._log)
+            self._write(b"\n")
+
+    def _write(self, data: bytes) -> None:
+        self._log.seek(0, os.SEEK_END)
+        self._log.write(data)
+        self._log.flush()
+        self.log_size = self._log.tell()
+        self.version += 1
+        self.changed.notify_all()
+
+    def read_log(self, offset: int = 0, size: int | None = None) -> bytes:
+        """The log from ``offset`` (at most ``size`` bytes)."""
+        if self._log.closed:
+            return b""
+        return os.pread(self._log.fileno(), self.log_size - offset if size is None else size, offset)
+
+    def close_log(self) -> None:
+        self._log.close()
 
     async def finish(self, exit_code: int) -> None:
         async with self.changed:
@@ -443,6 +509,7 @@ class DaytonaEmulator:
             await self._end_session(session)
         _kill_processes_in(sandbox.root)  # as stopping the container would
         await asyncio.to_thread(shutil.rmtree, sandbox.root, True)
+        await asyncio.to_thread(shutil.rmtree, self._workspace / f"{sandbox.id}.logs", True)
 
     async def toolbox_proxy_url(self, request: web.Request) -> web.StreamResponse:
         if (fault := await self._fault("toolbox_proxy_url", request)) is not None:
@@ -601,6 +668,7 @@ class DaytonaEmulator:
                     await command.process.wait()
             await command.finish(command.process.returncode if command.process and
                                  command.process.returncode is not None else 137)
+            command.close_log()
 
     async def session_exec(self, request: web.Request) -> web.StreamResponse:
         if (fault := await self._fault("session_exec", request)) is not None:
@@ -616,7 +684,9 @@ class DaytonaEmulator:
         if not isinstance(command_text, str) or not command_text.strip():
             return self._daemon_error(400, "command cannot be empty", request)
         run_async = bool(body.get("runAsync") or body.get("async"))
-        command = EmulatedCommand(str(uuid.uuid4()), command_text, bool(body.get("suppressInputEcho")))
+        log_dir = self._workspace / f"{sandbox.id}.logs"  # outside the sandbox's own directory
+        log_dir.mkdir(exist_ok=True)
+        command = EmulatedCommand(str(uuid.uuid4()), command_text, bool(body.get("suppressInputEcho")), log_dir)
         session.commands[command.id] = command
         # The sandbox's memory quota (GiB), enforced as an address-space limit on the command.
         quota_kb = int(sandbox.request.get("memory") or self.memory_gb) * 1024 * 1024
@@ -631,9 +701,10 @@ class DaytonaEmulator:
             return web.json_response({"cmdId": command.id}, status=202)
         while not command.finished:
             await command.wait_change(command.version)
-        stdout, stderr = _demux(bytes(command.log))
+        log_bytes = command.read_log()
+        stdout, stderr = _demux(log_bytes)
         return web.json_response({"cmdId": command.id, "exitCode": command.exit_code,
-                                  "output": bytes(command.log).decode("utf-8", "replace"),
+                                  "output": log_bytes.decode("utf-8", "replace"),
                                   "stdout": stdout, "stderr": stderr})
 
     async def _supervise(self, command: EmulatedCommand) -> None:
@@ -642,14 +713,22 @@ class DaytonaEmulator:
         assert process is not None and process.stdout is not None and process.stderr is not None
 
         async def relabel(stream: asyncio.StreamReader, prefix: bytes) -> None:
-            while True:
-                try:
-                    line = await stream.readline()
-                except ValueError:  # a line over the limit: keep what fits, like a truncated read
-                    line = await stream.read(1 << 20)
-                if not line:
-                    return
-                await command.append(prefix + line.rstrip(b"\n") + b"\n")
+            line = PartialLine(command.log_dir)
+            try:
+                while chunk := await stream.read(1 << 16):
+                    while chunk:
+                        end = chunk.find(b"\n")
+                        if end < 0:
+                            line.add(chunk)
+                            break
+                        line.add(chunk[:end])
+                        chunk = chunk[end + 1:]
+                        await command.append_line(prefix, line)
+                        line.clear()
+                if line.size:  # a last line without its newline (``read -r line || [[ -n $line ]]``)
+                    await command.append_line(prefix, line)
+            finally:
+                line.clear()
 
         await asyncio.gather(relabel(process.stdout, STDOUT_PREFIX), relabel(process.stderr, STDERR_PREFIX))
         await command.finish(await process.wait())
@@ -703,8 +782,9 @@ class DaytonaEmulator:
         _, session, command = found
         follow = request.query.get("follow", "").lower() in ("1", "true")
         if request.headers.get("Upgrade", "").lower() != "websocket":
-            stdout, stderr = _demux(bytes(command.log))
-            output = bytes(command.log).replace(STDOUT_PREFIX, b"").replace(STDERR_PREFIX, b"")
+            log_bytes = command.read_log()
+            stdout, stderr = _demux(log_bytes)
+            output = log_bytes.replace(STDOUT_PREFIX, b"").replace(STDERR_PREFIX, b"")
             return web.json_response({"output": output.decode("utf-8", "replace"),
                                       "stdout": stdout, "stderr": stderr})
         ws = web.WebSocketResponse()
@@ -714,8 +794,10 @@ class DaytonaEmulator:
         try:
             while not ws.closed:
                 version = command.version
-                if offset < len(command.log):
-                    data = bytes(command.log[offset:])
+                if offset < command.log_size:
+                    data = command.read_log(offset, min(command.log_size - offset, 1 << 20))
+                    if not data:  # the log is gone with its session
+                        break
                     for start in range(0, len(data), LOG_CHUNK):
                         await ws.send_bytes(data[start:start + LOG_CHUNK])
                     offset += len(data)

@@ -6,7 +6,12 @@ reason; in CI (CI=true) their fixtures fail instead.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -215,3 +220,143 @@ async def test_a_missing_context_file_fails_start_with_a_clear_error(provider, t
     with pytest.raises(SandboxError, match=r"context.*absent\.txt"):
         async with provider.create(spec(ContextFile(tmp_path / "absent.txt"))):
             pass
+
+
+# ----- the protocol channel is a wall too: user code can reach its descriptor -----------------
+
+# Finds the worker's private channel the way hostile code would: the one writable pipe (or
+# socket) above the standard descriptors in /proc/self/fd.
+CHANNEL_FD = r'''
+import fcntl, os, stat
+def channel_fd():
+    for name in sorted(os.listdir("/proc/self/fd"), key=int):
+        fd = int(name)
+        try:
+            mode = os.fstat(fd).st_mode
+            writable = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+        except OSError:
+            continue
+        if fd > 2 and writable and (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+            return fd
+    raise RuntimeError("no channel descriptor")
+'''
+MB = 1 << 20
+
+
+def rss_mb(field: str) -> float:
+    """VmRSS / VmHWM (peak since the last reset_peak_rss) of this process, from /proc."""
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", status, re.M)[1]) / 1024
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+
+
+async def test_an_oversized_channel_message_kills_the_worker_and_server_memory_stays_bounded(provider, text_context):
+    attack = CHANNEL_FD + "fd = channel_fd()\nblock = b'x' * (1 << 20)\nfor _ in range(600):\n    os.write(fd, block)\n"
+    async with provider.create(replace(spec(text_context), max_message_bytes=16 * MB)) as sandbox:
+        await sandbox.execute("kept = 1", timeout=30)
+        reset_peak_rss()
+        before = rss_mb("VmRSS")
+        flooded = await sandbox.execute(attack, timeout=120)
+        growth = rss_mb("VmHWM") - before
+        after = await sandbox.execute("print(len(context), 'kept' in globals())", timeout=30)
+    assert flooded.state_lost, flooded.render()
+    assert "protocol message over the 16 MB limit (RLM_MCP_MAX_MESSAGE_MB)" in flooded.error
+    assert growth < 150, f"the server grew by {growth:.0f} MB reading a 600 MB line"
+    assert after.stdout.strip() == "16000 False"
+
+
+@pytest.mark.parametrize("junk, cause", [
+    (b"not json at all\n", "not a protocol message to its private channel: 'not json at all'."),
+    (b"\xff\xfe\xfd\n", "not a protocol message"),
+    (b"[" * 200_000 + b"]" * 200_000 + b"\n", "not a protocol message"),
+    (b'["a", "list"]\n', "unknown message"),
+    (b'{"type": "reply", "id": 1}\n', "unknown message"),
+    (b'{"type": "ready"}\n', "second 'ready'"),
+    (b'{"type": "result", "cell": 999}\n', "result out of turn"),
+    (b'{"type": "fatal", "error": "forged"}\n', "fatal error after it had started: 'forged'"),
+    (b'{"type": "call", "id": 1, "op": "llm_query", "prompt": ["not", "text"]}\n', "malformed sub-call"),
+], ids=["text", "bad-utf8", "deep-nesting", "not-an-object", "unknown-type", "second-ready",
+        "stray-result", "late-fatal", "bad-call"])
+async def test_a_forged_or_malformed_channel_line_kills_the_worker_naming_the_cause(provider, text_context, junk, cause):
+    attack = CHANNEL_FD + f"os.write(channel_fd(), {junk!r})\nimport time\ntime.sleep(30)\n"
+    async with provider.create(spec(text_context)) as sandbox:
+        await sandbox.execute("kept = 1", timeout=30)
+        hit = await sandbox.execute(attack, timeout=60)
+        after = await sandbox.execute("print(len(context), 'kept' in globals())", timeout=30)
+    assert hit.state_lost and not hit.timed_out, hit.render()
+    assert "The host killed the REPL worker" in hit.error and cause in hit.error, hit.error
+    assert after.stdout.strip() == "16000 False"
+
+
+async def test_a_flood_of_junk_lines_costs_one_bounded_log_line(provider, text_context, caplog):
+    attack = CHANNEL_FD + "fd = channel_fd()\nfor _ in range(200):\n    os.write(fd, b'junk ' * 20_000 + b'\\n')\n"
+    async with provider.create(spec(text_context)) as sandbox:
+        with caplog.at_level(logging.DEBUG, logger="rlm_mcp.sandbox"):
+            hit = await sandbox.execute(attack, timeout=60)
+    assert hit.state_lost and "not a protocol message" in hit.error
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and len(warnings[0]) < 400, warnings
+    assert len(hit.error) < 1_000
+
+
+async def test_a_forged_result_is_held_to_the_output_limit(provider, text_context):
+    forge = CHANNEL_FD + ("import json\nos.write(channel_fd(), json.dumps({'type': 'result', 'cell': 1, "
+                          "'stdout': 'x' * 5_000_000, 'stdout_dropped': 'many', 'elapsed': 1e400 if False else 'slow', "
+                          "'locals': {str(i): 'v' * 10_000 for i in range(1000)}}).encode() + b'\\n')\n"
+                          "import time\ntime.sleep(30)\n")
+    async with provider.create(spec(text_context, max_output_chars=500)) as sandbox:
+        forged = await sandbox.execute(forge, timeout=60)
+    assert len(forged.stdout) == 500 and forged.stdout_dropped == 5_000_000 - 500
+    assert len(forged.locals) <= 40 and all(len(v) <= 400 for v in forged.locals.values())
+    assert len(forged.render()) < 40_000
+
+
+async def test_a_prompt_over_the_message_limit_fails_in_user_code_and_the_worker_lives(provider, text_context):
+    handler = RecordingHandler()
+    code = ("kept = 1\ntry:\n    llm_query('x' * 3_000_000)\nexcept Exception as exc:\n    print(type(exc).__name__, exc)\n"
+            "try:\n    llm_query('é' * 700_000)\nexcept Exception as exc:\n    print(type(exc).__name__, exc)\n"
+            "print(llm_query_batched(['small', 'y' * 2_000_000])[0])\n"
+            "print(llm_query_batched(['small', 'y' * 2_000_000])[1][:50])\n")
+    async with provider.create(replace(spec(text_context, handler, max_output_chars=5_000), max_message_bytes=MB)) as sandbox:
+        result = await sandbox.execute(code, timeout=60)
+        after = await sandbox.execute("print(kept, llm_query('ok'))", timeout=30)
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == ("SubcallError the prompt is too large to send: 2.9 MB, over the 1 MB limit for one "
+                        "message to the host (RLM_MCP_MAX_MESSAGE_MB); split it into smaller prompts"), lines
+    assert lines[1].startswith("SubcallError the prompt is too large to send: 1.3 MB, over the 1 MB limit")
+    assert lines[2:] == ["echo:small", "Error: the prompt is too large to send: 1.9 MB, ov"]
+    assert not result.state_lost and after.stdout.strip() == "1 echo:ok"
+    assert [prompt for _, prompt, _ in handler.calls] == ["small", "small", "ok"]
+
+
+async def test_an_answer_over_the_message_limit_is_reported_and_the_repl_keeps_its_state(provider, text_context):
+    async with provider.create(replace(spec(text_context), max_message_bytes=MB)) as sandbox:
+        big = await sandbox.execute("kept = 1\nFINAL('z' * 3_000_000)", timeout=60)
+        after = await sandbox.execute("print(kept)", timeout=30)
+    assert big.final is None and not big.state_lost
+    assert "The cell's answer could not be sent to the host: the result is 2.9 MB, over the 1 MB limit" in big.error
+    assert after.stdout.strip() == "1"
+
+
+async def test_prompts_in_flight_are_bounded_in_bytes(provider, text_context):
+    in_flight, peak, crowd = 0, 0, asyncio.Event()
+
+    async def holding(op: str, prompt: str, model: str | None) -> str:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        if in_flight >= 3:
+            crowd.set()
+        with contextlib.suppress(asyncio.TimeoutError):  # held until a crowd forms, or briefly
+            await asyncio.wait_for(crowd.wait(), 0.3)
+        in_flight -= 1
+        return str(len(prompt))
+
+    code = "print(llm_query_batched([str(i) * 400_000 for i in range(1, 7)]))"
+    async with provider.create(replace(spec(text_context, holding), max_message_bytes=MB)) as sandbox:
+        result = await sandbox.execute(code, timeout=60)
+    assert result.stdout.strip() == str(["400000"] * 6)
+    assert peak == 2, peak  # two 400 kB prompts fit in 1 MB, a third waits

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
+from rlm_mcp.config import MAX_MESSAGE_MB
+
 ContextKind = Literal["text", "documents"]
 
 
@@ -39,6 +41,7 @@ class SandboxSpec:
     max_output_chars: int = 20_000
     labels: dict[str, str] = field(default_factory=dict)
     cpu_limit_s: float | None = None  # CPU seconds for the worker (the run's wall-clock limit)
+    max_message_bytes: int = MAX_MESSAGE_MB << 20  # one worker-to-host message (RLM_MCP_MAX_MESSAGE_MB)
 
 
 @dataclass

@@ -3,6 +3,13 @@
 A backend only has to say how to launch one worker process and hand back its byte pipes
 (:class:`WorkerTransport`); :class:`WorkerSandbox` does the rest: the init handshake, cells,
 serving ``llm_query``/``rlm_query`` calls, interrupts, and restarting a dead or stuck worker.
+
+Everything read from the worker is untrusted: user code in the sandbox can find the channel's
+descriptor (/proc/self/fd) and write anything to it. So a message is at most
+``spec.max_message_bytes`` (every transport reads incrementally and stops at that size, never
+buffering more), must be a JSON object of a known type, and anything else is a
+:class:`ProtocolError`: the worker is killed and the cell reports lost state naming the cause.
+Prompts held by sub-calls in flight are bounded in bytes as well as in number.
 """
 
 from __future__ import annotations
@@ -17,13 +24,57 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from rlm_mcp.config import MAX_MESSAGE_MB
 from rlm_mcp.errors import RlmError, SandboxError
 from rlm_mcp.sandbox.base import CellResult, Sandbox, SandboxSpec
 
 log = logging.getLogger(__name__)
 
 WORKER_SCRIPT = Path(__file__).with_name("worker.py")
-MAX_CALLS_IN_FLIGHT = 64  # per worker: bounds host memory held by prompts read off the channel
+MAX_CALLS_IN_FLIGHT = 64  # per worker: with the byte budget below, bounds prompts held on the host
+EXCERPT_CHARS = 120       # of untrusted bytes quoted in errors and logs
+THREAD_PARSE_BYTES = 1 << 20  # larger messages are parsed off the event loop
+LOCALS_KEPT = 40          # what a real worker reports at most (worker.LOCALS_SHOWN)
+LOCAL_CHARS = 400         # per variable summary (the worker's own is ~200)
+NOTICES_KEPT = 10
+MESSAGE_TYPES = ("ready", "call", "result", "fatal")
+
+
+def excerpt_of(data: bytes | str) -> str:
+    """A short printable excerpt of untrusted data, for error messages and logs."""
+    text = data[:EXCERPT_CHARS].decode("utf-8", "replace") if isinstance(data, bytes) else data[:EXCERPT_CHARS]
+    more = f" ... ({len(data):,} {'bytes' if isinstance(data, bytes) else 'characters'})" if len(data) > EXCERPT_CHARS else ""
+    return repr(text) + more
+
+
+def message_too_large(limit: int) -> "ProtocolError":
+    return ProtocolError(f"it wrote a protocol message over the {limit / 2**20:g} MB limit "
+                         "(RLM_MCP_MAX_MESSAGE_MB) to its private channel")
+
+
+async def read_line_bounded(reader: asyncio.StreamReader, limit: int) -> bytes:
+    """The next line (at most ``limit`` bytes before its newline) from a StreamReader; b"" at end.
+
+    Read in pieces of at most the reader's own limit, so no more than ``limit`` plus one piece
+    is ever held; raises ProtocolError for a longer line.
+    """
+    pieces: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            piece = await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError:
+            return b""  # end of stream; a partial line from a dying worker is dropped
+        except asyncio.LimitOverrunError as exc:  # no newline within the reader's limit yet
+            piece = await reader.readexactly(exc.consumed)
+        size += len(piece)
+        if size > limit + 1:
+            raise message_too_large(limit)
+        if not pieces and piece.endswith(b"\n"):
+            return piece
+        pieces.append(piece)
+        if piece.endswith(b"\n"):
+            return b"".join(pieces)
 
 
 def describe_stop(exit_code: int | None, signal_number: int | None, stderr_tail: Iterable[str]) -> str:
@@ -45,8 +96,20 @@ class WorkerGone(Exception):
     """The worker process ended or its channel closed."""
 
 
+class ProtocolError(WorkerGone):
+    """The worker broke the protocol (an oversized, malformed or out-of-place message); the
+    message says what it did. The worker is killed: nothing it sends can be trusted after."""
+
+
 class WorkerTransport(abc.ABC):
-    """Byte pipes to one running worker process."""
+    """Byte pipes to one running worker process.
+
+    ``receive_line`` must never hold more than ``max_message_bytes`` (plus one read) of a line
+    and raise ProtocolError (see :func:`message_too_large`) for a longer one.
+    """
+
+    max_message_bytes: int = MAX_MESSAGE_MB << 20  # set from the spec before the first read
+    violation: str | None = None  # why the host killed this worker, once it did
 
     @abc.abstractmethod
     async def send(self, data: bytes) -> None:
@@ -54,7 +117,8 @@ class WorkerTransport(abc.ABC):
 
     @abc.abstractmethod
     async def receive_line(self) -> bytes:
-        """Next line from the worker's stdout; ``b""`` once the worker is gone."""
+        """Next line from the worker's stdout; ``b""`` once the worker is gone; ProtocolError
+        for a line over ``max_message_bytes``."""
 
     @abc.abstractmethod
     async def kill(self) -> None:
@@ -63,6 +127,10 @@ class WorkerTransport(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Close stdin so the worker exits, then make sure it is gone and cleaned up."""
+
+    async def read_line_from(self, reader: asyncio.StreamReader) -> bytes:
+        """receive_line for transports whose worker output is a StreamReader."""
+        return await read_line_bounded(reader, self.max_message_bytes)
 
     async def settle(self, timeout: float = 1.0) -> None:
         """Wait briefly for the worker's exit status to be known (used before describe_exit)."""
@@ -88,6 +156,8 @@ class WorkerSandbox(Sandbox):
         self._gone: asyncio.Event = asyncio.Event()
         self._call_tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(MAX_CALLS_IN_FLIGHT)
+        self._prompt_bytes = 0  # bytes of the call messages being served (their prompts)
+        self._bytes_freed: asyncio.Future[None] | None = None
         self._cell_counter = 0
         self._closed = False
         self.restarts = 0
@@ -116,8 +186,11 @@ class WorkerSandbox(Sandbox):
             raise SandboxError("the sandbox is closed")
         notices: list[str] = []
         if self._transport is None or self._gone.is_set():
+            violation = self._violation()
             await self._respawn()
-            notices.append("note: the REPL worker had stopped and was restarted; earlier variables are lost")
+            notices.append("note: the REPL worker had stopped"
+                           + (f" (the host killed it: {violation})" if violation else "")
+                           + " and was restarted; earlier variables are lost")
         self._cell_counter += 1
         loop = asyncio.get_running_loop()
         cell = self._cell = loop.create_future()
@@ -132,11 +205,14 @@ class WorkerSandbox(Sandbox):
             result.notices[:0] = notices
             return result
         if self._gone.is_set():
+            violation = self._violation()
             reason = await self._describe_exit()
             await self._respawn()
+            what = (f"The host killed the REPL worker while running this cell: {violation}."
+                    if violation else f"The REPL worker died while running this cell ({reason}).")
             return CellResult(
-                error=(f"The REPL worker died while running this cell ({reason}). A fresh worker "
-                       "was started with `context` loaded again, but all other variables are lost."),
+                error=(f"{what} A fresh worker was started with `context` loaded again, but all "
+                       "other variables are lost."),
                 notices=notices, state_lost=True)
         # Timed out: stop the cell's sub-calls (they would spend budget for nothing and keep the
         # reader waiting for slots), ask nicely (KeyboardInterrupt in the cell), then kill.
@@ -170,14 +246,17 @@ class WorkerSandbox(Sandbox):
     async def _spawn(self) -> None:
         self._gone = asyncio.Event()
         self._slots = asyncio.Semaphore(MAX_CALLS_IN_FLIGHT)
+        self._prompt_bytes = 0
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         self._transport = await self._launch()
+        self._transport.max_message_bytes = self.spec.max_message_bytes
         self._reader = asyncio.create_task(self._read_loop(self._transport, self._gone))
         try:
             await self._send({"type": "init", "context_path": self._worker_context_path(),
                               "context_kind": self.spec.context.kind,
-                              "max_output_chars": self.spec.max_output_chars})
+                              "max_output_chars": self.spec.max_output_chars,
+                              "max_message_bytes": self.spec.max_message_bytes})
         except WorkerGone:
             self._gone.set()  # died at once: reported below with its exit reason
         gone = asyncio.ensure_future(self._gone.wait())
@@ -216,10 +295,17 @@ class WorkerSandbox(Sandbox):
         if self._call_tasks:
             await asyncio.gather(*self._call_tasks, return_exceptions=True)
 
+    def _violation(self) -> str | None:
+        """Why the host killed the last worker, if it did."""
+        transport = self._last_transport
+        return None if transport is None else transport.violation
+
     async def _describe_exit(self) -> str:
         transport = self._last_transport
         if transport is None:
             return "the worker process exited"
+        if transport.violation:
+            return f"the host killed it: {transport.violation}"
         with contextlib.suppress(Exception):
             await transport.settle()
         return transport.describe_exit()
@@ -246,44 +332,81 @@ class WorkerSandbox(Sandbox):
                 line = await transport.receive_line()
                 if not line:
                     return
-                try:
-                    message = json.loads(line)
-                except ValueError:
-                    log.warning("ignored a non-protocol line from the worker: %.200r", line)
-                    continue
-                await self._dispatch(transport, message)
+                await self._dispatch(transport, await self._parse(line), len(line))
+        except ProtocolError as exc:
+            # One warning per killed worker (each restart costs the attacker a cell), with the
+            # untrusted part already cut to an excerpt.
+            transport.violation = str(exc)
+            log.warning("killed a REPL worker that broke the protocol: %s", exc)
+            with contextlib.suppress(Exception):
+                await transport.kill()
         except (WorkerGone, ConnectionError, OSError) as exc:
             log.debug("worker channel closed: %s", exc)
         finally:
             gone.set()
 
-    async def _dispatch(self, transport: WorkerTransport, message: dict[str, Any]) -> None:
+    @staticmethod
+    async def _parse(line: bytes) -> dict[str, Any]:
+        """A protocol message, or ProtocolError: only the worker writes here, and it writes
+        nothing but JSON objects of known types."""
+        shown = excerpt_of(line.rstrip(b"\n"))
+        try:
+            if len(line) < THREAD_PARSE_BYTES:
+                message = json.loads(line)
+            else:  # tens of MB of JSON take a while: not on the event loop
+                message = await asyncio.to_thread(json.loads, line)
+        except (ValueError, RecursionError):
+            raise ProtocolError("it wrote a line that is not a protocol message to its private "
+                                f"channel: {shown}") from None
+        if not isinstance(message, dict) or message.get("type") not in MESSAGE_TYPES:
+            raise ProtocolError(f"it wrote an unknown message to its private channel: {shown}")
+        return message
+
+    async def _dispatch(self, transport: WorkerTransport, message: dict[str, Any], size: int) -> None:
         kind = message.get("type")
         if kind == "call":
+            prompt, model = message.get("prompt"), message.get("model")
+            if not isinstance(prompt, str) or not isinstance(model, (str, type(None))):
+                raise ProtocolError(f"it wrote a malformed sub-call to its private channel (prompt "
+                                    f"{type(prompt).__name__}, model {type(model).__name__})")
             await self._slots.acquire()  # back-pressure: stop reading until a slot frees
-            task = asyncio.create_task(self._serve_call(transport, message))
+            await self._reserve_prompt_bytes(size)
+            task = asyncio.create_task(self._serve_call(transport, message, size))
             self._call_tasks.add(task)
             task.add_done_callback(self._call_tasks.discard)
         elif kind == "result":
-            if self._cell is not None and not self._cell.done():
-                self._cell.set_result(message)
+            # The worker answers each cell once; anything else is forged (and a flood of
+            # forged lines must not keep the event loop parsing): a protocol violation.
+            if self._cell is None or self._cell.done() or message.get("cell") != self._cell_counter:
+                raise ProtocolError("it wrote a cell result out of turn to its private channel")
+            self._cell.set_result(message)
         elif kind == "ready":
-            if self._ready is not None and not self._ready.done():
-                self._ready.set_result(message)
-        elif kind == "fatal":
-            error = SandboxError(f"REPL worker error: {message.get('error')}")
-            for future in (self._ready, self._cell):
-                if future is not None and not future.done():
-                    future.set_exception(error)
-                    break
-        else:
-            log.warning("ignored an unknown message from the worker: %.200r", message)
+            if self._ready is None or self._ready.done():
+                raise ProtocolError("it wrote a second 'ready' message to its private channel")
+            self._ready.set_result(message)
+        elif self._ready is not None and not self._ready.done():  # "fatal" while starting
+            self._ready.set_exception(SandboxError(f"REPL worker error: {str(message.get('error'))[:2000]}"))
+        else:  # a running worker reports trouble through cell results, never "fatal"
+            raise ProtocolError(f"it reported a fatal error after it had started: "
+                                f"{excerpt_of(str(message.get('error')))}")
 
-    async def _serve_call(self, transport: WorkerTransport, message: dict[str, Any]) -> None:
+    async def _reserve_prompt_bytes(self, size: int) -> None:
+        """Hold the reader until the prompts in flight leave room for this one: their total
+        stays under one maximal message (or is this one message alone)."""
+        while self._prompt_bytes and self._prompt_bytes + size > self.spec.max_message_bytes:
+            self._bytes_freed = asyncio.get_running_loop().create_future()
+            await self._bytes_freed
+        self._prompt_bytes += size
+
+    def _free_prompt_bytes(self, size: int) -> None:
+        self._prompt_bytes -= size
+        if self._bytes_freed is not None and not self._bytes_freed.done():
+            self._bytes_freed.set_result(None)
+
+    async def _serve_call(self, transport: WorkerTransport, message: dict[str, Any], size: int) -> None:
         reply: dict[str, Any] = {"type": "reply", "id": message.get("id")}
         try:
-            text = await self.spec.handler(str(message.get("op")), str(message.get("prompt", "")),
-                                           message.get("model"))
+            text = await self.spec.handler(str(message.get("op")), message["prompt"], message.get("model"))
             reply.update(ok=True, text=text)
         except RlmError as exc:
             reply.update(ok=False, error=str(exc))
@@ -293,23 +416,47 @@ class WorkerSandbox(Sandbox):
             log.exception("sub-call failed")
             reply.update(ok=False, error=f"internal error serving the sub-call: {exc!r}")
         finally:
+            message.clear()  # drop the prompt now, not when the reply has been written
             self._slots.release()
+            self._free_prompt_bytes(size)
         if transport is self._transport:
             data = json.dumps(reply, ensure_ascii=False).encode("utf-8", "replace") + b"\n"
             with contextlib.suppress(WorkerGone, ConnectionError, OSError):
                 await transport.send(data)
 
-    @staticmethod
-    def _to_result(message: dict[str, Any]) -> CellResult:
+    def _to_result(self, message: dict[str, Any]) -> CellResult:
+        """A CellResult from a result message, re-bounded here: the message may be forged by
+        user code, so what reaches the prompt is cut to max_output_chars whatever it says."""
+        limit = self.spec.max_output_chars
+        stdout, stderr = _text(message.get("stdout")) or "", _text(message.get("stderr")) or ""
+        error = _text(message.get("error"))
+        raw_locals = message.get("locals")
+        raw_notices = message.get("notices")
         return CellResult(
-            stdout=message.get("stdout") or "",
-            stderr=message.get("stderr") or "",
-            error=message.get("error"),
-            final=message.get("final"),
-            draft=message.get("draft"),
-            stdout_dropped=int(message.get("stdout_dropped") or 0),
-            stderr_dropped=int(message.get("stderr_dropped") or 0),
-            notices=list(message.get("notices") or []),
-            locals=dict(message.get("locals") or {}),
-            elapsed=float(message.get("elapsed") or 0.0),
+            stdout=stdout[:limit],
+            stderr=stderr[:limit],
+            error=None if error is None else error[:limit],
+            final=_text(message.get("final")),
+            draft=_text(message.get("draft")),
+            stdout_dropped=_count(message.get("stdout_dropped")) + max(0, len(stdout) - limit),
+            stderr_dropped=_count(message.get("stderr_dropped")) + max(0, len(stderr) - limit),
+            notices=[str(n)[:LOCAL_CHARS] for n in raw_notices[:NOTICES_KEPT]] if isinstance(raw_notices, list) else [],
+            locals=({str(k)[:LOCAL_CHARS]: str(v)[:LOCAL_CHARS] for k, v in list(raw_locals.items())[:LOCALS_KEPT]}
+                    if isinstance(raw_locals, dict) else {}),
+            elapsed=_seconds(message.get("elapsed")),
         )
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else value if isinstance(value, str) else str(value)
+
+
+def _seconds(value: Any) -> float:
+    try:
+        return max(0.0, float(value)) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+    except OverflowError:
+        return 0.0
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0

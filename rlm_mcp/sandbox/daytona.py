@@ -11,7 +11,9 @@ one):
   single writer keeps lines whole and in order, coalescing what queued up meanwhile);
 * worker -> host: the command's log stream (``get_session_command_logs_async``, a WebSocket
   with ``follow=true``); the daemon relabels output line by line, the SDK demultiplexes it, and
-  the transport reassembles protocol lines from stdout and keeps a tail of stderr.
+  the transport reassembles protocol lines from stdout and keeps a tail of stderr. Its stdout
+  callback is a coroutine that waits while a message's worth of lines is queued unread, so
+  the SDK stops reading the WebSocket: memory stays bounded without dropping anything.
 
 So ``llm_query`` is served on the host: the sandbox needs no network (``network_block_all``
 by default) and never holds a key. Sandboxes are deleted on close, cancel and shutdown (the
@@ -60,7 +62,8 @@ from daytona.common.errors import (
 from rlm_mcp.config import Settings
 from rlm_mcp.errors import ConfigError, SandboxError
 from rlm_mcp.sandbox.base import Sandbox, SandboxSpec
-from rlm_mcp.sandbox.channel import WORKER_SCRIPT, WorkerGone, WorkerSandbox, WorkerTransport
+from rlm_mcp.sandbox.channel import (WORKER_SCRIPT, ProtocolError, WorkerGone, WorkerSandbox, WorkerTransport,
+                                    message_too_large)
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +115,12 @@ class SessionTransport(WorkerTransport):
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.exit_code: int | None = None
         self.failure: str | None = None
-        self._lines: asyncio.Queue[bytes] = asyncio.Queue()
+        self._lines: asyncio.Queue[bytes | ProtocolError] = asyncio.Queue()
+        self._queued = 0  # bytes of complete lines waiting in _lines
+        self._room = asyncio.Condition()
         self._partial: list[str] = []
+        self._partial_chars = 0
+        self._overflowed = False
         self._stderr_partial = ""
         self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
@@ -156,21 +163,34 @@ class SessionTransport(WorkerTransport):
         self.exit_code = command.exit_code
         return command.exit_code is None
 
-    def _on_stdout(self, chunk: str) -> None:
+    async def _on_stdout(self, chunk: str) -> None:
+        if self._overflowed:
+            return  # the worker is being killed; what it still sends is dropped
         if self._replayed < self._consumed:  # a reconnected stream starts from the beginning
             skip = min(len(chunk), self._consumed - self._replayed)
             self._replayed += skip
             chunk = chunk[skip:]
         self._consumed += len(chunk)
         self._replayed += len(chunk)
+        limit = self.max_message_bytes
         while chunk:
             head, newline, chunk = chunk.partition("\n")
             self._partial.append(head)
+            self._partial_chars += len(head)
+            if self._partial_chars > limit:  # characters: a message of N bytes has at most N
+                self._overflowed = True
+                self._partial, self._partial_chars = [], 0
+                self._lines.put_nowait(message_too_large(limit))
+                return
             if not newline:
                 return
-            line = "".join(self._partial)
-            self._partial = []
-            self._lines.put_nowait(line.encode("utf-8", "replace") + b"\n")
+            line = "".join(self._partial).encode("utf-8", "replace") + b"\n"
+            self._partial, self._partial_chars = [], 0
+            async with self._room:  # back-pressure: at most one message's worth queued
+                await self._room.wait_for(lambda: self._ended or not self._queued
+                                          or self._queued + len(line) <= limit)
+                self._queued += len(line)
+            self._lines.put_nowait(line)
 
     def _on_stderr(self, chunk: str) -> None:
         text = self._stderr_partial + chunk
@@ -187,8 +207,14 @@ class SessionTransport(WorkerTransport):
 
     async def receive_line(self) -> bytes:
         line = await self._lines.get()
+        if isinstance(line, ProtocolError):
+            raise line
         if not line:
             self._lines.put_nowait(b"")  # stay at end of stream for later readers
+            return line
+        async with self._room:
+            self._queued -= len(line)
+            self._room.notify_all()
         return line
 
     # ----- host -> worker ---------------------------------------------------------------------

@@ -65,9 +65,10 @@ from docker.types import LogConfig, Mount, Ulimit
 
 from rlm_mcp.config import Settings
 from rlm_mcp.errors import RlmError, SandboxError
-from rlm_mcp.processes import pid_alive
+from rlm_mcp.leftovers import dead_owner_in_name, owner_dir_name, owner_is_dead, owner_token
 from rlm_mcp.sandbox.base import Sandbox, SandboxSpec
-from rlm_mcp.sandbox.channel import WORKER_SCRIPT, WorkerGone, WorkerSandbox, WorkerTransport, describe_stop
+from rlm_mcp.sandbox.channel import (WORKER_SCRIPT, WorkerGone, WorkerSandbox, WorkerTransport, describe_stop,
+                                    message_too_large)
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,6 @@ ONLINE_BASE_IMAGE = "python:3.12-slim"
 OFFLINE_BASE_IMAGE = "rlm-mcp-base:bookworm"
 SANDBOXES_DIR = Path(__file__).resolve().parents[2] / "sandboxes"
 
-LINE_LIMIT = 1 << 30  # as in the local backend: a line may carry a very large prompt
 STDERR_TAIL_LINES = 20
 STDERR_TAIL_CHARS = 4096
 FRAME_HEADER = 8
@@ -108,41 +108,9 @@ def print_to_stderr(line: str) -> None:
 # ----- ownership and reaping ---------------------------------------------------------------------
 
 
-def _process_start(pid: int) -> str:
-    """The pid's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-            return handle.read().rpartition(")")[2].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-def owner_token(pid: int | None = None) -> str:
-    """``host:pid:start`` naming a server process; stored as a label on everything we create."""
-    pid = os.getpid() if pid is None else pid
-    return f"{socket.gethostname()}:{pid}:{_process_start(pid)}"
-
-
-def _owner_is_dead(token: str) -> bool:
-    """True when ``token`` names a process on this host that no longer runs."""
-    host, _, rest = token.partition(":")
-    pid_text, _, start = rest.partition(":")
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return False  # another machine's (or malformed): not ours to judge
-    pid = int(pid_text)
-    if not pid_alive(pid):
-        return True
-    return bool(start) and _process_start(pid) not in ("", start)  # the pid was reused
-
-
-def _dir_token(token: str) -> str:
-    return "".join(c if c.isalnum() or c in "-." else "_" for c in token)
-
-
 def mounts_dir_name(pid: int | None = None) -> str:
     """Name of a server process's directory of per-container mounts (``host_pid_start``)."""
-    pid = os.getpid() if pid is None else pid
-    return f"{_dir_token(socket.gethostname())}_{pid}_{_process_start(pid)}"
+    return owner_dir_name(pid)
 
 
 def reap_leftovers(client: docker.DockerClient, mounts_root: Path | None = None) -> int:
@@ -159,9 +127,9 @@ def reap_leftovers(client: docker.DockerClient, mounts_root: Path | None = None)
     for container in client.containers.list(all=True, filters={"label": f"{LABEL}={LABEL_VALUE}"},
                                             ignore_removed=True):
         owner = container.labels.get(OWNER_LABEL, "")
-        if container.status in ("running", "restarting", "paused") and not _owner_is_dead(owner):
+        if container.status in ("running", "restarting", "paused") and not owner_is_dead(owner):
             continue
-        if container.status == "created" and not _owner_is_dead(owner):
+        if container.status == "created" and not owner_is_dead(owner):
             continue  # a live server may be between create and start
         with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
             container.remove(force=True)
@@ -169,21 +137,37 @@ def reap_leftovers(client: docker.DockerClient, mounts_root: Path | None = None)
             log.info("removed leftover sandbox container %s (owner %s, %s)",
                      container.short_id, owner or "unknown", container.status)
     for volume in client.volumes.list(filters={"label": f"{LABEL}={LABEL_VALUE}"}):
-        if _owner_is_dead((volume.attrs.get("Labels") or {}).get(OWNER_LABEL, "")):
+        if owner_is_dead((volume.attrs.get("Labels") or {}).get(OWNER_LABEL, "")):
             with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
                 volume.remove(force=True)
                 removed += 1
     if mounts_root is not None and mounts_root.is_dir():
-        host = _dir_token(socket.gethostname()) + "_"
         for entry in mounts_root.iterdir():
-            name = entry.name
-            if not name.startswith(host):
-                continue
-            pid_text, _, start = name[len(host):].partition("_")
-            if pid_text.isdigit() and _owner_is_dead(f"{socket.gethostname()}:{pid_text}:{start}"):
+            if dead_owner_in_name(entry.name):
                 shutil.rmtree(entry, ignore_errors=True)
                 removed += 1
     return removed
+
+
+def reap_at_start(settings: Settings) -> int:
+    """:func:`reap_leftovers` at server start, when an engine answers on this machine's socket
+    (blocking: run in a thread). A machine without Docker is not an error here."""
+    path = local_socket_path()
+    if path is None or not os.path.exists(path):
+        return 0  # no local engine (a remote one is reaped when a provider first connects)
+    try:
+        client = connect()
+    except SandboxError as exc:
+        log.debug("no Docker leftovers reaped at start: %s", exc)
+        return 0
+    try:
+        with _docker_errors("clean up leftover sandbox containers"):
+            return reap_leftovers(client, settings.home / MOUNTS_DIRNAME)
+    except SandboxError as exc:
+        log.warning("could not reap leftover sandbox containers at start: %s", exc)
+        return 0
+    finally:
+        client.close()
 
 
 # ----- errors ------------------------------------------------------------------------------------
@@ -323,7 +307,9 @@ class DockerTransport(WorkerTransport):
                 self._scan = 0
                 return line
             self._scan = len(self._out)
-            if self._eof or len(self._out) > LINE_LIMIT:
+            if len(self._out) > self.max_message_bytes + 1:  # one partial line, already too long
+                raise message_too_large(self.max_message_bytes)
+            if self._eof:
                 return b""
             try:
                 chunk = await self._recv()
@@ -341,6 +327,8 @@ class DockerTransport(WorkerTransport):
         while len(raw) - offset >= FRAME_HEADER:
             stream = raw[offset]
             size = int.from_bytes(raw[offset + 4:offset + 8], "big")
+            if size > self.max_message_bytes + 1:  # never wait for (and hold) a frame this big
+                raise message_too_large(self.max_message_bytes)
             if len(raw) - offset - FRAME_HEADER < size:
                 break
             payload = raw[offset + FRAME_HEADER:offset + FRAME_HEADER + size]

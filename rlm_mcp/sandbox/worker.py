@@ -51,6 +51,16 @@ class SubcallError(RuntimeError):
     """Raised in user code when the host could not serve ``llm_query`` / ``rlm_query``."""
 
 
+class MessageTooLarge(ValueError):
+    """A message is over the host's limit; the host would kill a worker that sent it."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"{size / 2**20:.1f} MB, over the {limit / 2**20:g} MB limit for one "
+                         "message to the host (RLM_MCP_MAX_MESSAGE_MB)")
+        self.size = size
+        self.limit = limit
+
+
 class BoundedText(io.TextIOBase):
     """A text sink that keeps the first ``limit`` characters and counts the rest."""
 
@@ -87,9 +97,13 @@ class Channel:
         self._in = os.fdopen(read_fd, "rb", buffering=1 << 16)
         self._out = os.fdopen(write_fd, "wb", buffering=0)
         self._write_lock = threading.Lock()
+        self.limit = 1 << 20  # bytes per message; the host's real limit arrives with "init"
 
     def send(self, message: dict[str, Any]) -> None:
+        """Write one message, or raise MessageTooLarge (nothing written) if it is over the limit."""
         data = json.dumps(message, ensure_ascii=False, default=str).encode("utf-8", "replace")
+        if len(data) > self.limit:
+            raise MessageTooLarge(len(data), self.limit)
         with self._write_lock:
             self._out.write(data + b"\n")
 
@@ -203,9 +217,14 @@ class Repl:
         for prompt in prompts:
             call_id, event = self.calls.open()
             opened.append((call_id, event))
-            self.channel.send(
-                {"type": "call", "id": call_id, "op": op, "prompt": str(prompt), "model": model}
-            )
+            text = str(prompt)
+            try:
+                if len(text) > self.channel.limit:  # too long whatever its encoding: skip encoding it
+                    raise MessageTooLarge(len(text), self.channel.limit)
+                self.channel.send({"type": "call", "id": call_id, "op": op, "prompt": text, "model": model})
+            except MessageTooLarge as exc:
+                self.calls.deliver(call_id, {"ok": False, "error": (
+                    f"the prompt is too large to send: {exc}; split it into smaller prompts")})
         try:
             replies = []
             for call_id, event in opened:
@@ -408,6 +427,7 @@ class Worker:
         kind = job.get("type")
         if kind == "init":
             self.repl.max_output_chars = int(job.get("max_output_chars", 20_000))
+            self.channel.limit = int(job.get("max_message_bytes", self.channel.limit))
             try:
                 source = self.context_fd if self.context_fd is not None else job.get("context_path")
                 self.context_fd = None  # a descriptor is read once; a second init has no context
@@ -450,22 +470,33 @@ class Worker:
         notices = []
         if restored:
             notices.append(f"note: reserved names restored after being overwritten: {', '.join(restored)}")
-        self.channel.send(
-            {
-                "type": "result",
-                "cell": job.get("cell"),
-                "stdout": out.getvalue(),
-                "stdout_dropped": out.dropped,
-                "stderr": err.getvalue(),
-                "stderr_dropped": err.dropped,
-                "error": error,
-                "final": final,
-                "draft": draft,
-                "notices": notices,
-                "locals": self.repl.locals_summary(),
-                "elapsed": elapsed,
-            }
-        )
+        result = {
+            "type": "result",
+            "cell": job.get("cell"),
+            "stdout": out.getvalue(),
+            "stdout_dropped": out.dropped,
+            "stderr": err.getvalue(),
+            "stderr_dropped": err.dropped,
+            "error": error,
+            "final": final,
+            "draft": draft,
+            "notices": notices,
+            "locals": self.repl.locals_summary(),
+            "elapsed": elapsed,
+        }
+        try:
+            self.channel.send(result)
+        except MessageTooLarge as exc:
+            # Only the answer is unbounded (output and locals are cut to size): report instead
+            # of sending it, so the REPL and its variables survive.
+            too_large = (f"The cell's answer could not be sent to the host: the result is {exc}. "
+                         "Submit a shorter answer, or raise RLM_MCP_MAX_MESSAGE_MB.")
+            result.update(final=None, draft=None, error=f"{error}\n{too_large}" if error else too_large)
+            try:
+                self.channel.send(result)
+            except MessageTooLarge:  # a limit below max_output_chars: the report alone
+                self.channel.send({"type": "result", "cell": job.get("cell"), "error": too_large,
+                                   "elapsed": elapsed})
 
     def _drain_fd_output(self, sink: BoundedText) -> None:
         """Append what was written straight to fd 1 (os.write, subprocesses) during the cell."""
