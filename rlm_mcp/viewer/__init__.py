@@ -6,8 +6,7 @@ network but its own data URL, no Node at run time):
 1. **Static file** (``rlm-mcp view RUN_ID --out FILE``)::
 
        view = build_view(settings.home / "trajectories", run_id)   # or build_view(path_to_jsonl)
-       path = export_run(view, out)                              # writes atomically
-       open_in_browser(path)                                     # unless --no-open
+       path = export_run(view, out, open_browser=not no_open)    # writes atomically
 
 2. **Served** (``GET /runs/{run_id}`` next to ``/mcp``, behind the same token and Host/Origin
    checks)::
@@ -88,6 +87,11 @@ __all__ = [
 ]
 
 
-def export_run(view: dict[str, Any], out: str | Path) -> Path:
-    """Write a static page for ``view`` to ``out``; returns the absolute path."""
-    return write_html(render_html(view), out)
+def export_run(view: dict[str, Any], out: str | Path, *, open_browser: bool = False) -> Path:
+    """Write a static page for ``view`` to ``out`` (atomically) and, with ``open_browser``, open it
+    in the default browser (a failure to open is logged, not raised: the file is there).
+    Returns the absolute path."""
+    path = write_html(render_html(view), out)
+    if open_browser:
+        open_in_browser(path)
+    return path

@@ -113,6 +113,18 @@ def test_search_finds_matches_and_opens_where_they_are(viewer: Viewer, engine_ru
     current = page.locator("mark.current")
     assert current.inner_text() == "bravo-marker"
     assert page.locator(".it.open").count() == 1 and page.locator(".it.open .num").inner_text() == "#2"
+    # Several places: Enter in the box goes to the first, then n / N step through them.
+    page.fill("#search", "-marker")
+    page.wait_for_function("() => document.getElementById('search-count').textContent.includes('in 2 places')",
+                           timeout=WAIT_MS)
+    page.keyboard.press("Enter")
+    assert page.get_attribute("#search-count", "data-pos") == "1"
+    page.keyboard.press("Escape")  # leaves the box: letters are commands again
+    page.keyboard.press("n")
+    assert page.get_attribute("#search-count", "data-pos") == "2"
+    assert page.locator("mark.current").inner_text() == "-marker"
+    page.keyboard.press("N")
+    assert page.get_attribute("#search-count", "data-pos") == "1"
     # In a tree: a word only a grandchild printed opens the child, the grandchild and its iteration.
     viewer.open(export_run(build_view(tree_run(tmp_path / "tree")), tmp_path / "tree.html"))
     page.fill("#search", "xerus-word")
@@ -332,6 +344,15 @@ def test_the_mcp_app_follows_a_running_run_through_the_host(viewer: Viewer, tmp_
     calls = [m for m in host_log(viewer.page) if m.get("method") == "tools/call"]
     assert len(calls) == 3 and calls[1]["params"]["arguments"]["etag"] == running["etag"]
     assert app.locator("html").get_attribute("data-polling") == "off"
+    viewer.assert_clean()
+
+
+def test_the_mcp_app_renders_a_view_model_given_as_the_tool_result(viewer: Viewer, tmp_path):
+    view = build_view(tree_run(tmp_path))
+    app = start_host(viewer, [], {"content": [{"type": "text", "text": "view"}], "structuredContent": view})
+    app.locator("html[data-ready]").wait_for(timeout=WAIT_MS)
+    assert app.locator("#main > .children > .child").count() == 2
+    assert not [m for m in host_log(viewer.page) if m.get("method") == "tools/call"]
     viewer.assert_clean()
 
 

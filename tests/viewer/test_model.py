@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -195,3 +198,20 @@ def test_run_summaries_list_root_runs_newest_first(engine_runs):
     assert (finished["status"], finished["query"]) == ("completed", "What is the secret code?")
     assert run_summaries(directory, limit=2) == summaries[:2]
     assert run_summaries(Path("/nonexistent/dir")) == []
+
+
+def test_export_writes_the_page_and_opens_it_in_the_browser_the_system_names(tmp_path):
+    path = tree_run(tmp_path / "runs")
+    recorder = tmp_path / "browser.py"
+    recorder.write_text("import pathlib, sys\npathlib.Path(sys.argv[1]).write_text(sys.argv[2])\n", encoding="utf-8")
+    opened = tmp_path / "opened.txt"
+    page = tmp_path / "out" / "page.html"
+    code = ("import sys\nfrom rlm_mcp.viewer import build_view, export_run\n"
+            "export_run(build_view(sys.argv[1]), sys.argv[2], open_browser=True)\n")
+    # A process of its own: webbrowser reads $BROWSER once per process.
+    env = {**os.environ, "BROWSER": f"{sys.executable} {recorder} {opened} %s"}
+    env.pop("DISPLAY", None)
+    subprocess.run([sys.executable, "-c", code, str(path), str(page)], env=env, check=True, timeout=120)
+    assert opened.read_text(encoding="utf-8") == page.resolve().as_uri()
+    assert "rlm-view-data" in page.read_text(encoding="utf-8")
+    assert not list(page.parent.glob(".view-*"))  # no temporary file left behind

@@ -522,7 +522,7 @@
       highlightAll();
       return;
     }
-    openIteration(hit.node, hit.i, true);
+    openIteration(hit.node, hit.i, true, true);
   }
 
   // Wrap every match of the query inside rendered bodies and headers in <mark> (text nodes only).
@@ -632,13 +632,13 @@
     notifySize();
   }
 
-  function openIteration(nodeId, index, scroll) {
+  function openIteration(nodeId, index, scroll, keepFocus) {
     openNode(nodeId);
     var key = iterKey(nodeId, index);
     if (!state.openIters[key]) toggleIteration(nodeId, index);
     var row = findRow(key);
     if (row) {
-      markCurrent(row, true);
+      markCurrent(row, !keepFocus);  // from the search box, focus stays there (Enter again = next)
       if (state.search.q.length >= 2) highlightAll();
       if (scroll && !(row.parentNode.querySelector("mark.current"))) row.scrollIntoView({ block: "start" });
     }
