@@ -48,8 +48,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "viewer_load.json"
 OBSERVE_LONG_TASKS = """
 window.__longTasks = [];
 try {
-  new PerformanceObserver((list) => { for (const e of list.getEntries()) window.__longTasks.push([e.startTime, e.duration]); })
-    .observe({ type: "longtask", buffered: true });
+  new PerformanceObserver((list) => {
+    for (const e of list.getEntries()) window.__longTasks.push([e.startTime, e.duration]);
+  }).observe({ type: "longtask", buffered: true });
 } catch (e) { window.__longTasks = null; }
 """
 
@@ -60,7 +61,11 @@ async () => {
   const tasks = window.__longTasks;
   const ready = window.__rlmViewer.readyAt;
   const lastLong = tasks && tasks.length ? Math.max(...tasks.map(([s, d]) => s + d)) : 0;
-  const key = (k) => { const t = performance.now(); document.dispatchEvent(new KeyboardEvent("keydown", { key: k, bubbles: true })); return performance.now() - t; };
+  const key = (k) => {
+    const t = performance.now();
+    document.dispatchEvent(new KeyboardEvent("keydown", { key: k, bubbles: true }));
+    return performance.now() - t;
+  };
   const j = key("j");
   const enter = key("Enter");
   const opened = document.querySelectorAll(".it-body").length;
@@ -106,7 +111,7 @@ def measure(iterations: int, subcalls: int, children: int, repeats: int) -> dict
                 page = context.new_page()
                 page.add_init_script(OBSERVE_LONG_TASKS)
                 errors: list[str] = []
-                page.on("pageerror", lambda error: errors.append(str(error)))
+                page.on("pageerror", lambda error, seen=errors: seen.append(str(error)))
                 started = time.perf_counter()
                 page.goto(page_path.as_uri())
                 page.wait_for_selector("html[data-ready]", timeout=60_000)

@@ -126,17 +126,13 @@ def trajectory_files(directory: Path, run_id: str) -> dict[str, Path]:
     """Run id -> file for the run and every child RLM below it (any depth), root first."""
     pattern = re.compile(re.escape(run_id) + r"((?:\.\d+)*)\.jsonl")
     found: dict[str, tuple[tuple[int, ...], Path]] = {}
-    for path in directory.glob(f"{glob_escape(run_id)}*.jsonl"):
+    for path in directory.glob(f"{run_id}*.jsonl"):  # check_run_id allows no glob characters
         match = pattern.fullmatch(path.name)
         if match:
             key = tuple(int(part) for part in match.group(1).split(".")[1:])
             found[path.name.removesuffix(".jsonl")] = (key, path)
     ordered = sorted(found.items(), key=lambda item: (len(item[1][0]) > 0, item[1][0]))
     return {name: path for name, (_, path) in ordered}
-
-
-def glob_escape(text: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", text)
 
 
 def view_etag(source: str | Path, run_id: str | None = None) -> str:
@@ -379,10 +375,12 @@ class _Builder:
     def call(self, call: dict[str, Any]) -> dict[str, Any]:
         # 10,000 of these in a large run: fields that are empty or zero are left out.
         usage = _dict(call.get("usage_summary"))
+        # Token counts: ours in usage_summary, or the reference logger's prompt/completion_tokens.
+        tokens_in = usage["input_tokens"] if "input_tokens" in usage else call.get("prompt_tokens")
+        tokens_out = usage["output_tokens"] if "output_tokens" in usage else call.get("completion_tokens")
         view: dict[str, Any] = {"prompt": self.text("call", call.get("prompt")),
                                 "response": self.text("call", call.get("response")),
-                                "in": _int(usage.get("input_tokens") if "input_tokens" in usage else call.get("prompt_tokens")),
-                                "out": _int(usage.get("output_tokens") if "output_tokens" in usage else call.get("completion_tokens"))}
+                                "in": _int(tokens_in), "out": _int(tokens_out)}
         model = _str(call.get("root_model"))
         if model:
             view["model"] = model
@@ -441,11 +439,12 @@ def _totals(node: dict[str, Any]) -> dict[str, Any]:
         if child["cost_usd"] is not None:
             cost += child["cost_usd"]
             priced = True
-    node["totals"] = {"iterations": len(node["iterations"]), "root_input_tokens": root_in,
-                      "root_output_tokens": root_out, "subcalls": calls, "subcall_tokens": call_tokens,
-                      "tokens": tokens, "cost_usd": round(cost, 6) if priced else None,
-                      "model_s": round(model_s, 3), "code_s": round(code_s, 3)}
-    return node["totals"]
+    totals: dict[str, Any] = {
+        "iterations": len(node["iterations"]), "root_input_tokens": root_in, "root_output_tokens": root_out,
+        "subcalls": calls, "subcall_tokens": call_tokens, "tokens": tokens,
+        "cost_usd": round(cost, 6) if priced else None, "model_s": round(model_s, 3), "code_s": round(code_s, 3)}
+    node["totals"] = totals
+    return totals
 
 
 def _tree(nodes: dict[str, dict[str, Any]], root_id: str) -> dict[str, Any]:

@@ -91,7 +91,7 @@ def _iteration(rng: random.Random, clock: _Clock, number: int, calls: int, child
     stdout = "\n".join(f"{i}: {_words(rng, 10)}" for i in range(rng.randint(1, 60)))
     if hostile:
         stdout += "\n" + HOSTILE
-    blocks = [
+    blocks: list[dict[str, Any]] = [
         {"code": code, "result": {"stdout": stdout, "stderr": "", "locals": {
             "chunks": "list, len 120 = ['...']", "hits": f"list, len {rng.randint(0, 3)} = []"},
             "execution_time": round(exec_s, 4), "final_answer": None, "rlm_calls": rlm_calls,
@@ -128,7 +128,8 @@ def write_run(directory: Path, *, iterations: int = 1_000, subcalls: int = 10_00
     for k in range(subcalls - sum(per_iteration)):
         per_iteration[k % iterations] += 1
     for number in range(1, iterations + 1):
-        pending_children = [child_ids.pop()] if child_ids and number % max(1, iterations // max(1, children)) == 0 else []
+        spacing = max(1, iterations // max(1, children))  # children spread evenly over the iterations
+        pending_children = [child_ids.pop()] if child_ids and number % spacing == 0 else []
         names = list(pending_children)
         record = _iteration(rng, clock, number, per_iteration[number - 1], pending_children, with_start_times,
                             hostile and number == 1)

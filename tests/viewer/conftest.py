@@ -146,7 +146,8 @@ def tree_run(directory: Path, run_id: str = "run-20260101-120000-tree01") -> Pat
                                     calls=calls))
     root.iteration(iteration_record(3, prose="Done.", code="answer['content'] = 'x'", stdout="", final="root-answer"))
     for child_id, word in ((f"{run_id}.1", "zebra-word"), (f"{run_id}.2", "yak-word"), (f"{run_id}.2.3", "xerus-word")):
-        writer = TrajectoryWriter(directory / f"{child_id}.jsonl", metadata(child_id, run_id, f"sub-task for {child_id}"))
+        writer = TrajectoryWriter(directory / f"{child_id}.jsonl",
+                                  metadata(child_id, run_id, f"sub-task for {child_id}"))
         writer.iteration(iteration_record(1, prose="Child step.", code=f"print('{word}')", stdout=f"{word}\n"))
         writer.finish(status="completed", answer=f"answer of {child_id}", limit=None, error=None, iterations=1,
                       elapsed_s=1.0, usage=None, subcalls=None)

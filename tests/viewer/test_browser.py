@@ -261,7 +261,8 @@ def test_a_run_in_progress_updates_itself_in_served_mode(viewer: Viewer, running
         assert rows(page) == 1 and page.get_attribute("html", "data-polling") == "on"
         page.locator(".it-row").first.click()  # an open iteration stays open across updates
         writer.iteration(iteration_record(2, code="print('second')", stdout="second\n"))
-        page.wait_for_function("() => document.querySelectorAll('#main > .iters .it-row').length === 2", timeout=WAIT_MS)
+        page.wait_for_function("() => document.querySelectorAll('#main > .iters .it-row').length === 2",
+                               timeout=WAIT_MS)
         assert page.locator(".it.open").count() == 1
         writer.finish(status="completed", answer="live-answer", limit=None, error=None, iterations=2, elapsed_s=3.0)
         page.wait_for_function("() => document.documentElement.dataset.polling === 'off'", timeout=WAIT_MS)
@@ -307,7 +308,8 @@ def test_the_mcp_app_renders_a_run_inside_a_sandboxed_host_frame(viewer: Viewer,
     assert methods.index("ui/notifications/initialized") < methods.index("tools/call")
     call = next(m for m in log if m.get("method") == "tools/call")
     assert call["params"] == {"name": "rlm_get_run_view", "arguments": {"run_id": run.run_id}}
-    page.wait_for_function("() => hostSizes.length > 0 && hostSizes[hostSizes.length - 1].height > 300", timeout=WAIT_MS)
+    page.wait_for_function("() => hostSizes.length > 0 && hostSizes[hostSizes.length - 1].height > 300",
+                           timeout=WAIT_MS)
     assert app.locator("html").get_attribute("data-theme") == "dark"  # the host's theme wins
     app.locator(".child-row").first.click()
     assert app.locator(".child.open .it-row").count() >= 1
@@ -356,8 +358,24 @@ def test_the_mcp_app_renders_a_view_model_given_as_the_tool_result(viewer: Viewe
     viewer.assert_clean()
 
 
+def test_markup_reaching_the_mcp_app_through_the_host_stays_text(viewer: Viewer, engine_runs):
+    run = engine_runs["hostile"]
+    view = build_view(run.directory, run.run_id)
+    app = start_host(viewer, [view], {"content": [{"type": "text", "text": HOSTILE}],
+                                      "structuredContent": {"status": "completed", "run_id": run.run_id}},
+                     tool_input={"query": HOSTILE})
+    app.locator("html[data-ready]").wait_for(timeout=WAIT_MS)
+    app.locator(".it-row").first.click()
+    assert HOSTILE in app.locator("header pre.query").inner_text()
+    assert HOSTILE in app.locator(".it-body .prose").inner_text()
+    assert app.locator("html").evaluate("() => window.__pwned") is None
+    assert app.locator("img").count() == 0 and app.locator("script").count() == 3
+    viewer.assert_clean()
+
+
 def test_the_mcp_app_shows_a_tool_error_instead_of_a_run(viewer: Viewer):
-    app = start_host(viewer, [], {"isError": True, "content": [{"type": "text", "text": "no trajectory for run_id 'x'"}]})
+    error = {"isError": True, "content": [{"type": "text", "text": "no trajectory for run_id 'x'"}]}
+    app = start_host(viewer, [], error)
     app.locator("#problem").wait_for(timeout=WAIT_MS)
     assert "no trajectory for run_id 'x'" in app.locator("#problem").inner_text()
     viewer.assert_clean()
