@@ -76,7 +76,8 @@ def claude() -> str:
 
 
 @pytest.fixture(scope="module")
-def strace() -> str:
+def strace(claude: str) -> str:
+    """strace, which the Claude Code installer adds when it is missing (hence the dependency)."""
     path = shutil.which("strace")
     if path is None:
         unavailable("strace not found: it proves that no connection leaves 127.0.0.1 "
