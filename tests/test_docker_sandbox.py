@@ -8,7 +8,10 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import uuid
 from pathlib import Path
+from typing import Any
 
 import docker
 import docker.errors
@@ -19,7 +22,9 @@ from rlm_mcp.sandbox.base import ContextFile, SandboxSpec
 from rlm_mcp.sandbox.docker import (LABEL, LABEL_VALUE, OWNER_LABEL, DockerProvider, DockerSandbox,
                                     build_sandbox_image, mounts_dir_name, owner_token,
                                     reap_leftovers)
-from tests.docker_support import ProviderFactory, docker_settings
+from rlm_mcp.testing.model_server import ScriptedModelServer
+from tests.docker_support import IMAGE, ProviderFactory, docker_settings
+from tests.test_transports import INITIALIZE, REPO, RLM_MCP, RawStdio, server_env
 
 # Fixtures (docker_engine, docker_provider, make_docker_provider, docker_over_tcp) come from
 # tests/docker_support.py, registered in conftest.py's pytest_plugins.
@@ -498,3 +503,95 @@ async def test_containers_of_a_crashed_server_exit_and_are_reaped_by_the_next_pr
         await provider.aclose()
     assert not any(container_exists(docker_engine, cid) for cid in ids)
     assert list(mounts.iterdir()) == [], "the crashed server's mount directories are removed"
+
+
+# ----- a server killed with SIGKILL: the next server cleans up at start -----------------------------
+
+STUBBORN_CELL = """
+import signal, time
+for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(number, signal.SIG_IGN)
+llm_query("the cell is running")
+while True:
+    time.sleep(0.5)
+"""
+REAPED = "leftover item(s) of servers that are gone"
+
+
+class StderrWatch:
+    """Reads a process's stderr in a thread; ``seen`` is set once a line contains ``text``."""
+
+    def __init__(self, proc: subprocess.Popen[str], text: str) -> None:
+        self.lines: list[str] = []
+        self.seen = threading.Event()
+        self.thread = threading.Thread(target=self._read, args=(proc, text), daemon=True)
+        self.thread.start()
+
+    def _read(self, proc: subprocess.Popen[str], text: str) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            self.lines.append(line)
+            if text in line:
+                self.seen.set()
+
+
+def test_a_server_killed_mid_cell_leaves_nothing_once_the_next_server_starts(
+        docker_engine: docker.DockerClient, model_server: ScriptedModelServer, tmp_path: Path) -> None:
+    model = f"crash-{uuid.uuid4().hex[:12]}"
+    cell_running = threading.Event()
+
+    def gate(messages: list[dict[str, Any]]) -> str:  # the cell's llm_query: it runs now
+        cell_running.set()
+        return "go on"
+
+    model_server.script(model, [f"```repl\n{STUBBORN_CELL}\n```", gate])
+    tmp = tmp_path / "tmp"  # the servers' TMPDIR, so only their directories are looked at
+    tmp.mkdir()
+    home = tmp_path / "home"
+    env = server_env(model_server, home, RLM_MCP_MODEL=f"openai/{model}", RLM_MCP_SANDBOX="docker",
+                     RLM_MCP_DOCKER_IMAGE=IMAGE, RLM_MCP_SANDBOX_MEMORY_MB="512", TMPDIR=str(tmp))
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    other_leftover = tmp / f"rlm-sandbox-{mounts_dir_name(exited.pid)}-abc123"  # a dead local sandbox's
+    other_leftover.mkdir()
+    live = tmp / f"rlm-run-{mounts_dir_name()}-def456"  # a live server's (this process)
+    legacy = tmp / "rlm-run-k2j3h4g5"  # no owner in the name: nothing to go by
+    live.mkdir()
+    legacy.mkdir()
+    first_owner = ""
+    try:
+        with RawStdio(env) as first:
+            first_owner = owner_token(first.proc.pid)
+            first.send(INITIALIZE)
+            first.reply(1)
+            first.send({"method": "notifications/initialized"})
+            first.send({"id": 2, "method": "tools/call", "params": {"name": "rlm_complete", "arguments": {
+                "query": "Summarise.", "context": "a short document", "wait_s": 1}}})
+            assert cell_running.wait(120), "the cell never ran: " + "".join(first.stderr)[-3000:]
+            [container] = docker_engine.containers.list(filters={"label": f"{OWNER_LABEL}={first_owner}"})
+            run_dirs = [p for p in tmp.iterdir() if p.name.startswith(f"rlm-run-{mounts_dir_name(first.proc.pid)}")]
+            assert len(run_dirs) == 1, list(tmp.iterdir())
+            first.proc.kill()  # SIGKILL: no clean-up of any kind
+            first.proc.wait(timeout=30)
+        container.reload()
+        assert container.status == "running", "the stubborn cell's container should outlive a killed server"
+
+        second = subprocess.Popen([*RLM_MCP], env={**env, "RLM_MCP_SANDBOX": "local"}, cwd=REPO, text=True,
+                                  stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        watch = StderrWatch(second, REAPED)
+        try:
+            assert watch.seen.wait(60), "the new server reaped nothing: " + "".join(watch.lines)[-3000:]
+        finally:
+            assert second.stdin is not None
+            second.stdin.close()  # a stdio server stops when its host goes
+            second.wait(timeout=30)
+            watch.thread.join(timeout=10)
+        assert not container_exists(docker_engine, container.id)
+        assert not run_dirs[0].exists() and not other_leftover.exists()
+        assert live.exists() and legacy.exists()
+        assert not (home / "docker-mounts" / mounts_dir_name(first.proc.pid)).exists()
+        assert second.returncode == 0, "".join(watch.lines)[-3000:]
+    finally:
+        if first_owner:
+            for leftover in docker_engine.containers.list(all=True, filters={"label": f"{OWNER_LABEL}={first_owner}"}):
+                leftover.remove(force=True)
