@@ -91,6 +91,7 @@ class RunResult(BaseModel):
     cost_usd: float | None = None
     elapsed_s: float = 0.0
     trajectory_path: str | None = None
+    notes: list[str] = []  # what the sandbox could not enforce on this host, or ran into (limits)
 
 
 @dataclass
@@ -109,6 +110,7 @@ class _Tree:
     prose: str | None = None  # the root model's last words outside code
     child_ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     last_event: float = 0.0
+    notes: list[str] = field(default_factory=list)  # from every sandbox of the tree, each once
 
     @property
     def partial(self) -> str | None:
@@ -189,7 +191,7 @@ class RlmEngine:
             usage={k: v.model_copy() for k, v in budget.usage.items()},
             input_tokens=budget.input_tokens, output_tokens=budget.output_tokens,
             cost_usd=budget.cost_usd, elapsed_s=round(budget.elapsed_s, 3),
-            trajectory_path=str(self.trajectory_path(tree.run_id)))
+            trajectory_path=str(self.trajectory_path(tree.run_id)), notes=list(tree.notes))
 
     def _emit(self, tree: _Tree, kind: Literal["iteration", "subcalls", "done"], depth: int, iteration: int,
               force: bool = False) -> None:
@@ -296,7 +298,9 @@ class _Rlm:
         remaining = self.tree.budget.remaining_s()
         if remaining is not None:
             timeout = max(0.1, min(timeout, remaining))
-        return await sandbox.execute(code, timeout=timeout)
+        result = await sandbox.execute(code, timeout=timeout)
+        self.tree.notes.extend(note for note in sandbox.notes if note not in self.tree.notes)
+        return result
 
     # ----- model calls -------------------------------------------------------------------------
 

@@ -104,8 +104,10 @@ def stderr_flood_stays_out_of_the_prompt(outcome: Outcome) -> None:
 def forks_stop_at_the_cap(outcome: Outcome) -> None:
     report = outcome.report
     assert report["started"] < 300 and report["error"], f"300 forks all succeeded: {report}"
-    if outcome.backend.startswith("local"):  # the local backend also tells the model why
+    if outcome.backend.startswith("local"):  # the local backend also tells the model, and the caller, why
         assert f"process limit ({PIDS})" in outcome.seen, outcome.seen[-2000:]
+        if outcome.result is not None:
+            assert any(f"process limit ({PIDS})" in note for note in outcome.result.notes), outcome.result.notes
 
 
 def memory_is_bounded_for_the_whole_sandbox(outcome: Outcome) -> None:
@@ -115,6 +117,8 @@ def memory_is_bounded_for_the_whole_sandbox(outcome: Outcome) -> None:
     assert report["alive_with_800mb"] < 3, f"three 800 MB children lived under a {MEMORY_MB} MB limit: {report}"
     if outcome.backend.startswith("local"):
         assert f"memory limit ({MEMORY_MB:,} MB" in outcome.seen, outcome.seen[-2000:]
+        if outcome.result is not None:
+            assert any("memory limit" in note for note in outcome.result.notes), outcome.result.notes
 
 
 def scratch_space_is_bounded(outcome: Outcome) -> None:

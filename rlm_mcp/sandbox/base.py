@@ -83,6 +83,8 @@ class Sandbox(abc.ABC):
 
     def __init__(self, spec: SandboxSpec) -> None:
         self.spec = spec
+        # For the run's result, each said once: limits this host cannot enforce, limits hit.
+        self.notes: list[str] = []
 
     @abc.abstractmethod
     async def start(self) -> None:

@@ -497,7 +497,6 @@ class LocalSandbox(WorkerSandbox):
         super().__init__(spec)
         self.provider = provider
         self.settings = provider.settings
-        self.notes: list[str] = []
         self._launch_now: Launch | None = None
 
     async def _launch(self) -> WorkerTransport:
@@ -627,8 +626,9 @@ class LocalProvider:
         return LocalSandbox(spec, self)
 
     async def aclose(self) -> None:
-        if self._isolation is not None:
-            self._isolation.close()
+        isolation, self._isolation = self._isolation, None  # decided again if used after this
+        if isolation is not None:
+            isolation.close()
 
 
 def protect_host_environment() -> None:
