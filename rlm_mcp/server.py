@@ -583,7 +583,9 @@ def serve(settings: Settings, transport: str = "stdio", host: str = "127.0.0.1",
         # What servers that died left behind (containers, temporary directories), off the loop.
         reaper = asyncio.create_task(reap_leftovers(settings))
         warm_up = None
-        if settings.docker_pool_size > 0:  # a warm pool is configured: fill it before the first run
+        # Docker with a warm pool fills it; local decides its isolation now, so that a missing
+        # wall (no bubblewrap, no control groups) is logged when the server starts.
+        if settings.docker_pool_size > 0 or settings.sandbox == "local":
             warm_up = asyncio.create_task(_warm_up(services))
         try:
             if app is None:

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -170,6 +173,32 @@ async def test_running_without_isolation_says_code_can_call_the_model_server_out
     async with provider.create(SandboxSpec(private_context(tmp_path / "store"), no_subcalls)) as sandbox:
         await sandbox.execute("pass", timeout=30)
     assert warning in sandbox.notes  # and every run on it lists it in its result's notes
+
+
+def test_rlm_mcp_warns_at_start_when_local_sandboxes_run_without_isolation(tmp_path):
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "RLM_MCP_HOME": str(tmp_path / "home"),
+           "RLM_MCP_LOCAL_ISOLATION": "none", "RLM_MCP_MODEL": "openai/needle"}
+    server = subprocess.Popen([sys.executable, "-m", "rlm_mcp"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, env=env)
+    lines: queue.Queue[bytes] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in server.stderr], daemon=True)
+    reader.start()
+    seen: list[str] = []
+    try:
+        # No client connects: the warning must come from the start alone.
+        deadline = time.monotonic() + 60
+        while not any("without isolation" in line for line in seen):
+            seen.append(lines.get(timeout=max(0.1, deadline - time.monotonic())).decode("utf-8", "replace"))
+    except queue.Empty:
+        pass
+    finally:
+        server.stdin.close()  # the stdio server stops at end of input
+        server.wait(timeout=30)
+        reader.join(timeout=30)
+        server.stderr.close()
+    warning = next((line for line in seen if "without isolation" in line), "")
+    assert "local sandboxes run without isolation (RLM_MCP_LOCAL_ISOLATION=none)" in warning, "".join(seen)[-3000:]
+    assert "call the model server on loopback directly, outside budget accounting" in warning
 
 
 @pytest.mark.parametrize("isolation", ISOLATIONS)
