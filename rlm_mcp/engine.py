@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from rlm_mcp import prompts, replies
 from rlm_mcp.config import Limits, Settings
-from rlm_mcp.errors import ConfigError, LimitExceeded, RlmError
+from rlm_mcp.errors import ConfigError, LimitExceeded, RlmError, describe_os_error
 from rlm_mcp.leftovers import owned_temp_prefix
 from rlm_mcp.models import Completion, ModelClient
 from rlm_mcp.prompts import ContextShape
@@ -164,6 +164,10 @@ class RlmEngine:
                 status, error, answer = "cancelled", "the run was cancelled", tree.partial
                 rlm.finish(status, answer, limit, error)
                 raise
+            except OSError as exc:  # the run's own files: a full or read-only disk, most likely
+                log.warning("run %s: writing its files failed: %s", run_id, exc.strerror)
+                status, answer = "failed", tree.partial
+                error = describe_os_error(exc, "writing the run's trajectory", self.trajectory_dir)
             except Exception as exc:
                 log.exception("run %s failed", run_id)
                 status, error, answer = "failed", f"internal error: {exc!r}", tree.partial
@@ -426,8 +430,12 @@ class _Rlm:
         if self.trajectory is None:
             return
         budget = self.tree.budget
-        self.trajectory.finish(
-            status=status, answer=answer, limit=limit, error=error, iterations=self.iteration,
-            elapsed_s=round(budget.elapsed_s, 3),
-            usage={k: v.model_dump() for k, v in budget.usage.items()} if self.depth == 1 else None,
-            subcalls=budget.subcalls_done if self.depth == 1 else None)
+        try:
+            self.trajectory.finish(
+                status=status, answer=answer, limit=limit, error=error, iterations=self.iteration,
+                elapsed_s=round(budget.elapsed_s, 3),
+                usage={k: v.model_dump() for k, v in budget.usage.items()} if self.depth == 1 else None,
+                subcalls=budget.subcalls_done if self.depth == 1 else None)
+        except OSError as exc:  # the result still reaches the caller; only the file lags behind
+            log.warning("run %s: could not record its outcome in %s: %s", self.run_id, self.trajectory.path,
+                        exc.strerror)

@@ -9,16 +9,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pydantic
+
 from rlm_mcp.engine import RlmEngine, RunEvent, RunRequest, RunResult
-from rlm_mcp.errors import RunNotFound
+from rlm_mcp.errors import RlmError, RunNotFound, quoted
 from rlm_mcp.prompts import ContextShape
-from rlm_mcp.trajectory import read_trajectory, unique_run_id
+from rlm_mcp.trajectory import (now_iso, process_gone, process_identity, read_metadata, read_trajectory,
+                                rewrite_metadata, unique_run_id)
+from rlm_mcp.usage import ModelUsage
 
 if TYPE_CHECKING:
     from rlm_mcp.store import ContextInfo
@@ -26,6 +32,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FINISHED_RUNS_KEPT = 500
+SERVER_STOPPED = "the server stopped during the run"
+FINISHED = ("completed", "limit_reached", "failed", "cancelled")
+RUN_ID = re.compile(r"run-\d{8}-\d{6}-[0-9a-f]{6}(?:\.\d{1,6}){0,8}")
 
 
 @dataclass
@@ -40,6 +49,7 @@ class Run:
     queued: bool = True
     started_at: float = field(default_factory=time.monotonic)
     listeners: list[Callable[[RunEvent], None]] = field(default_factory=list)
+    check: Callable[[], None] | None = None  # blocking; raises RlmError if the context was altered
 
     @property
     def done(self) -> bool:
@@ -59,10 +69,14 @@ class RunManager:
         self.slots = asyncio.Semaphore(max_runs)
         self.runs: dict[str, Run] = {}
 
-    def start(self, request: RunRequest, listener: Callable[[RunEvent], None] | None = None) -> Run:
-        """Validate and start a run in the background (raises for an invalid request)."""
+    def start(self, request: RunRequest, listener: Callable[[RunEvent], None] | None = None,
+              check: Callable[[], None] | None = None) -> Run:
+        """Validate and start a run in the background (raises for an invalid request).
+
+        ``check`` (blocking) verifies the context; it runs in a thread alongside the run, and
+        if it raises RlmError the run is stopped and fails with that message, answer withheld."""
         self.engine.prepare(request)
-        run = Run(unique_run_id(), request)
+        run = Run(unique_run_id(), request, check=check)
         if listener is not None:
             run.listeners.append(listener)
         run.task = asyncio.create_task(self._drive(run), name=run.run_id)
@@ -80,7 +94,7 @@ class RunManager:
             async with self.slots:
                 run.queued = False
                 run.started_at = time.monotonic()
-                run.result = await self.engine.run(run.request, run_id=run.run_id, on_event=on_event)
+                run.result = await self._checked_run(run, on_event)
         except asyncio.CancelledError:
             run.result = self._cancelled(run)
             raise
@@ -88,6 +102,41 @@ class RunManager:
             log.exception("run %s crashed", run.run_id)
             run.result = RunResult(run_id=run.run_id, status="failed", error=f"internal error: {exc!r}")
         return run.result
+
+    async def _checked_run(self, run: Run, on_event: Callable[[RunEvent], None]) -> RunResult:
+        """The engine's run, with ``run.check`` in a thread alongside it: hashing a large context
+        takes ~0.1 s per 100 MB, which overlaps the sandbox start and the first model call
+        instead of delaying them. No answer is returned unless the check passed."""
+        work = self.engine.run(run.request, run_id=run.run_id, on_event=on_event)
+        if run.check is None:
+            return await work
+        engine = asyncio.create_task(work, name=f"{run.run_id}-engine")
+        try:
+            try:
+                await asyncio.to_thread(run.check)
+            except RlmError as exc:
+                engine.cancel()
+                await asyncio.gather(engine, return_exceptions=True)
+                return self._refused(run, str(exc))
+            return await engine
+        finally:
+            if not engine.done():  # this run was cancelled (rlm_cancel, client gone, shutdown)
+                engine.cancel()
+                await asyncio.gather(engine, return_exceptions=True)
+
+    def _refused(self, run: Run, error: str) -> RunResult:
+        """A run stopped because its context failed the check; its trajectory says so too."""
+        log.error("run %s stopped: %s", run.run_id, error)
+        path = self.engine.trajectory_path(run.run_id)
+        if path.exists():
+            with contextlib.suppress(OSError, ValueError):
+                rewrite_metadata(path, {**read_metadata(path), "status": "failed", "error": error, "answer": None})
+        event = run.last_event
+        return RunResult(run_id=run.run_id, status="failed", error=error,
+                         iterations=event.iteration if event else 0,
+                         subcalls=event.subcalls_done if event else 0,
+                         elapsed_s=round(time.monotonic() - run.started_at, 3),
+                         trajectory_path=str(path) if path.exists() else None)
 
     def _cancelled(self, run: Run) -> RunResult:
         path = self.engine.trajectory_path(run.run_id)
@@ -103,9 +152,10 @@ class RunManager:
                          trajectory_path=str(path) if path.exists() else None)
 
     def get(self, run_id: str) -> Run:
-        run = self.runs.get(run_id)
+        run = self.runs.get(run_id) if isinstance(run_id, str) else None
         if run is None:
-            raise RunNotFound(f"unknown run_id {run_id!r}: use the run_id that rlm_complete returned "
+            check_run_id(run_id)
+            raise RunNotFound(f"unknown run_id {quoted(run_id)}: use the run_id that rlm_complete returned "
                               "(runs from before a server restart only have their trajectory)")
         return run
 
@@ -128,20 +178,49 @@ class RunManager:
             run.result = self._cancelled(run)
         return run
 
+    def trajectory(self, run_id: str) -> Path | None:
+        """The run's trajectory file, or None if it has none. A run left "running" by a server
+        that died is marked failed first, so every tool tells the same story about it."""
+        path = self.engine.trajectory_path(check_run_id(run_id))
+        if not path.is_file():
+            return None
+        settle(path)
+        return path
+
     def stored_result(self, run_id: str) -> RunResult | None:
         """A finished run's outcome read back from its trajectory (e.g. after a restart)."""
-        path = self.engine.trajectory_path(run_id)
-        if not _safe_run_id(run_id) or not path.exists():
+        path = self.trajectory(run_id)
+        if path is None:
             return None
         meta, iterations = read_trajectory(path)
         status = meta.get("status")
-        if status == "running":
-            status = "failed"  # the server that ran it is gone
-        return RunResult(run_id=run_id, status=status or "failed", answer=meta.get("answer"),
-                         limit=meta.get("limit"), error=meta.get("error") or (
-                             "the server stopped before this run finished" if meta.get("status") == "running" else None),
-                         iterations=len(iterations), elapsed_s=meta.get("elapsed_s") or 0.0,
+        if status == "running":  # its server is alive: this one (a child RLM) or another one
+            owner = str(meta.get("server") or "")
+            if owner == process_identity():
+                raise RunNotFound(f"run {run_id} is a child RLM still running inside run {run_id.split('.')[0]}: "
+                                  "follow that run with rlm_get_result")
+            raise RunNotFound(f"run {run_id} is still running in another rlm-mcp server (process "
+                              f"{owner.partition(':')[0]}) that shares this data directory: ask that server")
+        usage = {}
+        with contextlib.suppress(pydantic.ValidationError, AttributeError, TypeError):
+            usage = {model: ModelUsage.model_validate(value) for model, value in (meta.get("usage") or {}).items()}
+        return RunResult(run_id=run_id, status=status if status in FINISHED else "failed", answer=meta.get("answer"),
+                         limit=meta.get("limit"), error=meta.get("error"), iterations=len(iterations),
+                         subcalls=meta.get("subcalls") or 0, usage=usage, elapsed_s=meta.get("elapsed_s") or 0.0,
                          trajectory_path=str(path))
+
+    def settle_all(self) -> int:
+        """Mark failed every trajectory a dead server left "running" (at server start, in a
+        thread: it reads one line per trajectory file). Returns how many were marked."""
+        settled = 0
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.engine.trajectory_dir):
+                if entry.name.endswith(".jsonl") and not entry.name.startswith("."):
+                    with contextlib.suppress(OSError):
+                        settled += settle(Path(entry.path))
+        if settled:
+            log.info("marked %d runs of stopped servers as failed", settled)
+        return settled
 
     async def aclose(self) -> None:
         """Cancel every unfinished run (their sandboxes are closed by the engine)."""
@@ -157,8 +236,27 @@ class RunManager:
             del self.runs[run_id]
 
 
-def _safe_run_id(run_id: str) -> bool:
-    return bool(run_id) and Path(run_id).name == run_id and all(c.isalnum() or c in "-_." for c in run_id)
+def check_run_id(run_id: object) -> str:
+    """``run_id`` if it has the shape of a run id (a root run or a child RLM), else RunNotFound.
+    Checked before any file name is built from it."""
+    if isinstance(run_id, str) and RUN_ID.fullmatch(run_id):
+        return run_id
+    raise RunNotFound(f"{quoted(run_id)} is not a run id (they look like run-20260101-120000-a1b2c3, with "
+                      "'.1', '.2'... for child RLMs): use the run_id that rlm_complete returned")
+
+
+def settle(path: Path) -> bool:
+    """If the trajectory at ``path`` says "running" but the process that wrote it is gone,
+    rewrite its metadata line as failed. True if it did."""
+    meta = read_metadata(path)
+    if meta.get("status") != "running":
+        return False
+    owner = meta.get("server")
+    if isinstance(owner, str) and not process_gone(owner):
+        return False
+    rewrite_metadata(path, {**meta, "status": "failed", "error": SERVER_STOPPED, "finished_at": now_iso()})
+    log.info("run %s: %s (marked failed)", meta.get("run_id") or path.stem, SERVER_STOPPED)
+    return True
 
 
 def shape_of(info: "ContextInfo") -> ContextShape:

@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import secrets
 import sys
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from pydantic import BaseModel, Field
 from rlm_mcp import __version__
 from rlm_mcp.config import Settings
 from rlm_mcp.engine import RlmEngine, RunEvent, RunRequest, RunResult
-from rlm_mcp.errors import ConfigError, RlmError
+from rlm_mcp.errors import ConfigError, RlmError, describe_os_error, quoted
 from rlm_mcp.private import private_dir, write_private_text
 from rlm_mcp.runs import Run, RunManager, shape_of
 from rlm_mcp.sandbox import reap_leftovers
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 INLINE_CONTEXT_CHARS = 200_000  # larger inline text belongs in rlm_load_context
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 ANSWER_META = {"anthropic/maxResultSizeChars": 500_000}
+ERROR_CHARS = 2_000  # longest tool error message (and its log line)
 
 INSTRUCTIONS = """\
 rlm-mcp answers questions over inputs far larger than your context window. Load the input \
@@ -99,6 +101,15 @@ class Services:
     async def aclose(self) -> None:
         await self.runs.aclose()
         await self.engine.sandboxes.aclose()
+
+
+def bounded(message: str, limit: int = ERROR_CHARS) -> str:
+    """An error message of at most about ``limit`` characters: the start (what went wrong)
+    and the end (what to do) are kept, the middle (an echoed input, say) is cut."""
+    if len(message) <= limit:
+        return message
+    tail = limit // 4
+    return f"{message[:limit - tail]} [... {len(message) - limit:,} characters cut ...] {message[-tail:]}"
 
 
 def _reply(model: BaseModel, summary: str, meta: dict[str, Any] | None = None) -> CallToolResult:
@@ -167,13 +178,24 @@ def build_server(services: Services) -> MCPServer:
     server = MCPServer("rlm-mcp", version=__version__, instructions=INSTRUCTIONS)
 
     def guarded(fn: Any) -> Any:
-        """Turn RlmError into a tool error whose message the host model reads."""
+        """Every failure as a tool error whose message the host model reads and can act on.
+        Anything else would reach the model as a bare "Error executing tool X" (the SDK hides
+        unexpected exceptions) with the cause only in the server log."""
         @functools.wraps(fn)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
                 return await fn(*args, **kwargs)
             except RlmError as exc:
-                raise ToolError(str(exc)) from exc
+                message = str(exc)
+            except OSError as exc:  # the server's own files: a full disk, permissions, ...
+                message = describe_os_error(exc, fn.__name__, services.settings.home)
+                log.warning("%s: %s", fn.__name__, message)
+            except Exception as exc:
+                log.error("%s crashed: %s\n%s", fn.__name__, quoted(repr(exc), ERROR_CHARS),
+                          "".join(traceback.format_tb(exc.__traceback__)))  # frames; no input in them
+                message = (f"{fn.__name__} failed on an internal error ({type(exc).__name__}): retry; if it "
+                           "happens again, report it with the server log, which has the details")
+            raise ToolError(bounded(message)) from None
         return wrapper
 
     read_only = ToolAnnotations(read_only_hint=True, open_world_hint=False)
@@ -270,7 +292,11 @@ def build_server(services: Services) -> MCPServer:
                                  timeout_s=timeout_s, cell_timeout_s=cell_timeout_s,
                                  max_cost_usd=max_cost_usd),
                              **await asyncio.to_thread(_context_for, services, handle, handles, context))
-        run = services.runs.start(request)
+        stored = handle if handle is not None else (handles[0] if handles and len(handles) == 1 else None)
+        # A stored handle is checked against its sha256 as the run starts; fresh content (inline,
+        # combined just now) was hashed moments ago.
+        check = functools.partial(services.store.verify, stored) if stored is not None else None
+        run = services.runs.start(request, check=check)
         try:
             run = await _wait_with_progress(services, run, ctx, wait_s)
         except asyncio.CancelledError:
@@ -288,13 +314,9 @@ def build_server(services: Services) -> MCPServer:
     ) -> Annotated[CallToolResult, CompleteResult]:
         """The result of a run started by rlm_complete, waiting up to wait_s if it is still running."""
         services = svc()
-        try:
-            run = services.runs.get(run_id)
-        except RlmError:
-            stored = services.runs.stored_result(run_id)
-            if stored is None:
-                raise
-            result = _finished(stored)
+        run = services.runs.runs.get(run_id)
+        if run is None:
+            result = await asyncio.to_thread(_stored, services, run_id)
             return _reply(result, _complete_summary(result), ANSWER_META)
         result = _complete_result(await _wait_with_progress(services, run, ctx, wait_s))
         return _reply(result, _complete_summary(result), ANSWER_META)
@@ -303,8 +325,11 @@ def build_server(services: Services) -> MCPServer:
     @guarded
     async def rlm_cancel(run_id: Annotated[str, Field(description="the run_id from rlm_complete")]) -> Annotated[CallToolResult, CompleteResult]:
         """Stop a running run and its sandboxes; returns its final state."""
-        run = await svc().runs.cancel(run_id)
-        result = _complete_result(run)
+        services = svc()
+        if run_id in services.runs.runs:
+            result = _complete_result(await services.runs.cancel(run_id))
+        else:  # finished before a restart, or left behind by a server that stopped: nothing to stop
+            result = await asyncio.to_thread(_stored, services, run_id)
         return _reply(result, _complete_summary(result))
 
     @server.tool(title="Inspect how a run reached its answer", annotations=read_only)
@@ -318,8 +343,8 @@ def build_server(services: Services) -> MCPServer:
         """A page of a run's trajectory: per iteration the model's reasoning, code, output,
         sub-call counts and usage, plus where the full JSONL file is."""
         services = svc()
-        path = services.engine.trajectory_path(run_id)
-        if services.runs.stored_result(run_id) is None:
+        path = await asyncio.to_thread(services.runs.trajectory, run_id)
+        if path is None:
             if run_id in services.runs.runs:
                 raise ConfigError(f"run {run_id} has not written its first iteration yet (it is queued or "
                                   "starting): call rlm_get_trajectory again shortly")
@@ -343,9 +368,10 @@ def build_server(services: Services) -> MCPServer:
     @server.resource("rlm://trajectories/{run_id}", name="trajectory", mime_type="application/jsonl",
                      description="A run's full trajectory (JSON lines, reference RLM logger format)")
     def trajectory_resource(run_id: str) -> str:
-        if svc().runs.stored_result(run_id) is None:
+        path = svc().runs.trajectory(run_id)
+        if path is None:
             raise ValueError(f"no trajectory for run_id {run_id!r}")
-        return svc().engine.trajectory_path(run_id).read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
 
     @server.prompt(name="analyze_large_file", title="Analyse a large file with an RLM")
     def analyze_large_file(path: str, question: str) -> str:
@@ -357,6 +383,15 @@ def build_server(services: Services) -> MCPServer:
                 "4. Report the answer; if it looks doubtful, inspect rlm_get_trajectory.")
 
     return server
+
+
+def _stored(services: Services, run_id: str) -> CompleteResult:
+    """The state of a run this server is not running, from its trajectory (blocking)."""
+    stored = services.runs.stored_result(run_id)
+    if stored is None:
+        services.runs.get(run_id)  # raises the "unknown run_id" error
+    assert stored is not None
+    return _finished(stored)
 
 
 def _context_for(services: Services, handle: str | None, handles: list[str] | None,
@@ -582,6 +617,9 @@ def serve(settings: Settings, transport: str = "stdio", host: str = "127.0.0.1",
     async def main() -> None:
         # What servers that died left behind (containers, temporary directories), off the loop.
         reaper = asyncio.create_task(reap_leftovers(settings))
+        # Runs a killed server left "running" become failed in their files too (in a thread:
+        # one line read per trajectory; the tools settle any run they touch in the meantime).
+        settling = asyncio.create_task(_settle_stopped_runs(services))
         warm_up = None
         # Docker with a warm pool fills it; local decides its isolation now, so that a missing
         # wall (no bubblewrap, no control groups) is logged when the server starts.
@@ -604,6 +642,7 @@ def serve(settings: Settings, transport: str = "stdio", host: str = "127.0.0.1",
                 await uvicorn.Server(config).serve()
         finally:
             reaper.cancel()
+            settling.cancel()
             if warm_up is not None:
                 warm_up.cancel()
             await close()
@@ -613,6 +652,13 @@ def serve(settings: Settings, transport: str = "stdio", host: str = "127.0.0.1",
     finally:
         if auth is not None:  # e.g. the port was taken: uvicorn exits before any lifespan
             forget_generated_token(auth)
+
+
+async def _settle_stopped_runs(services: Services) -> None:
+    try:
+        await asyncio.to_thread(services.runs.settle_all)
+    except OSError as exc:  # an unreadable data dir shows up again, clearly, when a tool uses it
+        log.warning("could not check the trajectories of earlier runs: %s", exc)
 
 
 async def _warm_up(services: Services) -> None:

@@ -44,8 +44,9 @@ from rlm_mcp.store_io import (ByteBudget, ContentWriter, Feed, binary_reason, it
                               read_at_least, read_slice)
 from rlm_mcp.store_scan import DirectoryScan, inside_roots, skip_notes
 from rlm_mcp.config import Settings
+from rlm_mcp.private import open_private, private_dir
 from rlm_mcp.processes import pid_alive
-from rlm_mcp.errors import ContextError
+from rlm_mcp.errors import ContextError, describe_os_error, quoted
 from rlm_mcp.sandbox.base import ContextFile
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,18 @@ CHUNK_SIZE = 1 << 20            # bytes read (or characters written) per step
 PEEK_MAX = 20_000
 LISTED_LENGTHS = 20
 STALE_TMP_S = 24 * 3600
+SHOWN_PATH_CHARS = 300     # longer paths are cut in messages (an input can be megabytes)
 
 _HANDLE_RE = re.compile(r"ctx_[0-9a-f]{16}")
 _TRASH_PREFIX = ".trash-"
 _META_LOCK = threading.Lock()     # serialises alias updates of meta.json in this process
 
+
+
+def _handle_for(kind: str, sha256: str) -> str:
+    """A context's handle. The kind is part of the identity: a text file whose bytes equal a
+    documents file is a different context."""
+    return "ctx_" + hashlib.sha256(f"{kind}:{sha256}".encode()).hexdigest()[:16]
 
 
 class ContextInfo(pydantic.BaseModel):
@@ -105,8 +113,9 @@ class ContextStore:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.root = Path(settings.home).expanduser() / "contexts"
-        self.root.mkdir(parents=True, exist_ok=True)
+        home = Path(settings.home).expanduser()
+        private_dir(home, tighten=False)  # 0700 when created here; a chosen existing dir is left as is
+        self.root = private_dir(home / "contexts")
         self._lock = threading.Lock()
         self._documents_cache: dict[str, list[dict[str, Any]]] = {}
         self._clean_leftovers()
@@ -142,8 +151,11 @@ class ContextStore:
     def load_path(self, path: str, *, name: str | None = None, include: list[str] | None = None,
                   exclude: list[str] | None = None, max_bytes: int | None = None) -> ContextInfo:
         """Store a text file (kind "text") or a directory tree (kind "documents")."""
-        shown = str(path)
-        resolved = self._resolve_local(shown)
+        if not isinstance(path, str):
+            raise ContextError(f"path must be a string, got {quoted(path)}")
+        plain = len(path) <= SHOWN_PATH_CHARS and path.isprintable()
+        shown = path if plain else quoted(path, SHOWN_PATH_CHARS)
+        resolved = self._resolve_local(path, shown)
         limit = self._limit(max_bytes)
         try:
             mode = os.stat(resolved).st_mode
@@ -263,6 +275,27 @@ class ContextStore:
         meta = self._meta(handle)
         return ContextFile(path=self._dir(handle) / meta["content"], kind=meta["info"]["kind"])
 
+    def verify(self, handle: str) -> None:
+        """Raise ContextError unless the stored content still has the sha256 it was loaded with.
+
+        Blocking, and about 0.6-0.9 s per GB here (hashing runs at memory speed with SHA-NI);
+        run it in a thread. The handle is re-derived too, so editing ``meta.json`` to match
+        altered content is caught as well."""
+        meta = self._meta(handle)
+        info = ContextInfo.model_validate(meta["info"])
+        path = self._dir(handle) / meta["content"]
+        try:
+            with open(path, "rb") as fh:
+                sha = hashlib.file_digest(fh, "sha256").hexdigest()
+        except OSError as exc:
+            raise ContextError(f"cannot read context {handle} ({info.name}): {exc.strerror}; delete it with "
+                               "rlm_delete_context and load the input again") from None
+        if sha != info.sha256 or _handle_for(info.kind, sha) != handle:
+            raise ContextError(
+                f"context {handle} ({info.name}) was changed on disk after it was loaded (its sha256 is now "
+                f"{sha[:16]}..., not {info.sha256[:16]}...), so it was not used: delete it with "
+                "rlm_delete_context and load the input again")
+
     def peek(self, handle: str, start: int = 0, length: int = 2000,
              document: int | None = None) -> ContextPage:
         """Characters ``[start, start+length)`` (length capped at 20,000) of a text context, of one
@@ -364,10 +397,13 @@ class ContextStore:
     def _roots(self) -> list[Path]:
         return [Path(root).expanduser().resolve() for root in self.settings.allowed_roots]
 
-    def _resolve_local(self, shown: str) -> Path:
-        if not shown.strip():
+    def _resolve_local(self, given: str, shown: str) -> Path:
+        if not given.strip():
             raise ContextError("path is empty: pass the absolute path of a file or directory")
-        path = Path(shown.strip()).expanduser()
+        if "\x00" in given:
+            raise ContextError(f"the path {shown} contains a NUL character (\\x00), which no file name can hold: "
+                               "pass the path without it")
+        path = Path(given.strip()).expanduser()
         if not path.is_absolute():
             path = Path.cwd() / path
         try:
@@ -376,8 +412,11 @@ class ContextStore:
             raise ContextError(
                 f"no such file or directory: {shown} (relative paths are resolved against the server's "
                 f"working directory, {Path.cwd()}): check the path, or pass an absolute one") from None
-        except (OSError, RuntimeError) as exc:
-            raise ContextError(f"cannot resolve {shown}: {exc}; pass the real path of the file") from None
+        except OSError as exc:
+            raise ContextError(describe_os_error(exc, f"resolving {shown}")) from None
+        except RuntimeError:  # a symlink loop
+            raise ContextError(f"cannot resolve {shown}: it is a loop of symbolic links; pass the real path "
+                               "of the file") from None
         roots = self._roots()
         if roots and not inside_roots(resolved, roots):
             raise ContextError(
@@ -421,7 +460,8 @@ class ContextStore:
             feed.close()
         except OSError as exc:
             writer.discard()
-            raise ContextError(f"reading {kind_shown} failed: {exc}; retry, or copy it to a local file") from None
+            raise ContextError(f"reading {kind_shown} failed: {exc.strerror or exc}; retry, or copy it to a local "
+                               "file") from None
         except BaseException:
             writer.discard()
             raise
@@ -469,8 +509,8 @@ class ContextStore:
                         feed.close()
                         writer.end_document()
                     except OSError as exc:
-                        raise ContextError(f"reading {rel} in {shown} failed: {exc}; retry, or exclude "
-                                           "that file") from None
+                        raise ContextError(f"reading {rel} in {shown} failed: {exc.strerror or exc}; retry, or "
+                                           "exclude that file") from None
             if not writer.docs:
                 raise ContextError(f"{shown} has no text files to load ({'; '.join(skip_notes(skipped))}): "
                                    "convert the files to text, or load another directory")
@@ -484,9 +524,7 @@ class ContextStore:
         """Finish a load: write meta, rename the temp dir into place (or reuse an existing copy)."""
         try:
             sha = writer.close()
-            # The kind is part of the identity: a text file whose bytes equal a documents file is
-            # a different context.
-            handle = "ctx_" + hashlib.sha256(f"{writer.kind}:{sha}".encode()).hexdigest()[:16]
+            handle = _handle_for(writer.kind, sha)
             notes = list(notes)
             notes.extend(sorted(writer.encoding_notes))
             if writer.replaced and not any("U+FFFD" in note for note in notes):
@@ -548,19 +586,26 @@ class ContextStore:
                 fresh = self._read_meta(self._dir(handle))
                 if fresh is not None:
                     fresh["info"]["aliases"] = list(fresh["info"].get("aliases", [])) + [name]
-                    self._write_meta(self._dir(handle), fresh)
-                    info = ContextInfo.model_validate(fresh["info"])
+                    try:
+                        self._write_meta(self._dir(handle), fresh)
+                        info = ContextInfo.model_validate(fresh["info"])
+                    except OSError as exc:  # a name is not worth failing the load for
+                        log.warning("could not record the alias of %s: %s", handle, exc.strerror)
         reply = info.model_copy(deep=True)
         reply.notes.append(f"this content was already stored as {info.name!r}; the same handle is returned")
         return reply
 
     def _write_meta(self, directory: Path, meta: dict[str, Any]) -> None:
         temp = directory / f"meta.json.{uuid.uuid4().hex}.tmp"
-        with open(temp, "w", encoding="utf-8") as fh:
-            json.dump(meta, fh, ensure_ascii=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(temp, directory / "meta.json")
+        try:
+            with open_private(temp) as fh:
+                json.dump(meta, fh, ensure_ascii=False)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(temp, directory / "meta.json")
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
 
     def _dir(self, handle: str) -> Path:
         if not isinstance(handle, str) or not _HANDLE_RE.fullmatch(handle):
@@ -569,7 +614,7 @@ class ContextStore:
 
     @staticmethod
     def _unknown(handle: object) -> ContextError:
-        return ContextError(f"unknown context handle {handle!r}: call rlm_list_contexts to see the "
+        return ContextError(f"unknown context handle {quoted(handle)}: call rlm_list_contexts to see the "
                             "handles, or rlm_load_context to load one")
 
     @staticmethod

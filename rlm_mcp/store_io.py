@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from rlm_mcp.errors import ContextError
+from rlm_mcp.errors import ContextError, describe_os_error
+from rlm_mcp.private import open_private, private_dir
 from rlm_mcp.sandbox.base import ContextKind
 
 INDEX_INTERVAL = 1_000_000      # characters between sparse-index entries (char -> byte offset)
@@ -138,9 +139,14 @@ class ContentWriter:
         self.dir = root / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
         with ACTIVE_LOCK:
             ACTIVE_TMP.add(str(self.dir))
-        self.dir.mkdir()
         self.file_name = "content.txt" if kind == "text" else "content.jsonl"
-        self._fh: BinaryIO | None = open(self.dir / self.file_name, "wb")
+        self._fh: BinaryIO | None = None
+        try:
+            private_dir(self.dir)
+            self._fh = open_private(self.dir / self.file_name, "wb")
+        except OSError as exc:
+            self.discard()
+            raise self._failed(exc) from None
         self._sha = hashlib.sha256()
         self.bytes = 0
         self.chars = 0
@@ -153,9 +159,16 @@ class ContentWriter:
         self._preview: list[str] = []
         self._preview_len = 0
 
+    def _failed(self, exc: OSError) -> ContextError:
+        """A write error (a full disk, usually) as a message that says what to do."""
+        return ContextError(describe_os_error(exc, "storing the context", self.dir.parent))
+
     def _write(self, data: bytes) -> None:
         assert self._fh is not None
-        self._fh.write(data)
+        try:
+            self._fh.write(data)
+        except OSError as exc:
+            raise self._failed(exc) from None
         self._sha.update(data)
         self.bytes += len(data)
 
@@ -209,21 +222,30 @@ class ContentWriter:
     def close(self) -> str:
         """Flush and fsync the content; return its sha256."""
         assert self._fh is not None
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
+        try:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+        except OSError as exc:
+            raise self._failed(exc) from None
         self._fh = None
         return self._sha.hexdigest()
 
     def write_json(self, name: str, data: object) -> None:
-        with open(self.dir / name, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, ensure_ascii=False)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with open_private(self.dir / name) as fh:
+                json.dump(data, fh, ensure_ascii=False)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise self._failed(exc) from None
 
     def discard(self) -> None:
         if self._fh is not None:
-            self._fh.close()
+            try:
+                self._fh.close()
+            except OSError:
+                pass  # the buffered tail could not be written (a full disk): it is deleted anyway
             self._fh = None
         shutil.rmtree(self.dir, ignore_errors=True)
         with ACTIVE_LOCK:

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from rlm_mcp.private import open_private, private_dir
+from rlm_mcp.processes import pid_alive
 from rlm_mcp.replies import prose
 
 EXCERPT_CHARS = 1_000
@@ -32,14 +36,41 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+def process_identity(pid: int | None = None) -> str:
+    """``"<pid>:<start time>"`` of a process (this one by default); the start time, in clock
+    ticks since boot from /proc, tells a dead server from an unrelated process that got its pid
+    later. Just ``"<pid>"`` where /proc is missing."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+        return f"{pid}:{int(fields[19])}"  # field 22 of stat(5); the cut drops the first two
+    except (OSError, IndexError, ValueError):
+        return str(pid)
+
+
+def process_gone(identity: str) -> bool:
+    """Whether the process named by :func:`process_identity` has ended."""
+    pid_text, _, _ = identity.partition(":")
+    if not pid_text.isdigit():
+        return True
+    pid = int(pid_text)
+    if not pid_alive(pid):
+        return True
+    return ":" in identity and process_identity(pid) != identity
+
+
 class TrajectoryWriter:
     """Appends iteration lines as they happen; ``finish`` rewrites the metadata line."""
 
     def __init__(self, path: Path, metadata: dict[str, Any]) -> None:
         self.path = path
-        self.metadata = {"type": "metadata", **metadata, "status": "running", "started_at": now_iso()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("w", encoding="utf-8")
+        # "server" says which process wrote it: a later server can tell a run whose server died
+        # (status still "running") from one still running in another server on the same data dir.
+        self.metadata = {"type": "metadata", **metadata, "status": "running", "started_at": now_iso(),
+                         "server": process_identity()}
+        private_dir(path.parent)  # trajectories quote the context: for this user only
+        self._file = open_private(path)
         self._write(self.metadata)
 
     def _write(self, record: dict[str, Any]) -> None:
@@ -55,13 +86,32 @@ class TrajectoryWriter:
             return
         self._file.close()
         self.metadata.update(outcome, finished_at=now_iso())
-        temporary = self.path.with_suffix(".jsonl.tmp")
-        with self.path.open("r", encoding="utf-8") as source, temporary.open("w", encoding="utf-8") as target:
+        rewrite_metadata(self.path, self.metadata)
+
+
+def rewrite_metadata(path: Path, metadata: dict[str, Any]) -> None:
+    """Replace line 1 of a trajectory file; readers see the old file or the new one, whole."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with path.open("r", encoding="utf-8") as source, open_private(temporary) as target:
             source.readline()
-            target.write(json.dumps(self.metadata, ensure_ascii=False, default=str) + "\n")
-            for line in source:
-                target.write(line)
-        os.replace(temporary, self.path)
+            target.write(json.dumps(metadata, ensure_ascii=False, default=str) + "\n")
+            shutil.copyfileobj(source, target)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """Line 1 of a trajectory file (``{}`` when it is empty or not a metadata line)."""
+    with path.open(encoding="utf-8") as handle:
+        line = handle.readline()
+    try:
+        record = json.loads(line) if line.strip() else {}
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) and record.get("type") == "metadata" else {}
 
 
 def read_trajectory(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
+import logging
+import os
 import re
+import stat
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -217,9 +223,12 @@ async def test_resources_and_prompt_are_served(services):
     ("rlm_complete", {"query": "q", "context": "x", "timeout_s": 1, "cell_timeout_s": 5},
      "cell_timeout_s (5) cannot exceed timeout_s (1): lower cell_timeout_s or raise timeout_s"),
     ("rlm_complete", {"query": "q", "handles": []}, "handles is empty"),
-    ("rlm_get_result", {"run_id": "run-nope"}, "unknown run_id"),
-    ("rlm_cancel", {"run_id": "run-nope"}, "unknown run_id"),
-    ("rlm_get_trajectory", {"run_id": "../../etc/passwd"}, "no trajectory"),
+    ("rlm_get_result", {"run_id": "run-20260101-120000-abcdef"}, "unknown run_id 'run-20260101-120000-abcdef'"),
+    ("rlm_cancel", {"run_id": "run-20260101-120000-abcdef"}, "unknown run_id"),
+    ("rlm_get_trajectory", {"run_id": "run-20260101-120000-abcdef"}, "no trajectory"),
+    ("rlm_get_result", {"run_id": "run-nope"}, "'run-nope' is not a run id (they look like run-2026"),
+    ("rlm_cancel", {"run_id": "run-nope"}, "is not a run id"),
+    ("rlm_get_trajectory", {"run_id": "../../etc/passwd"}, "'../../etc/passwd' is not a run id"),
 ])
 async def test_bad_input_is_a_tool_error_that_says_what_to_do(services, tool, arguments, expected):
     async with connect(services) as client:
@@ -283,3 +292,157 @@ async def test_cell_timeout_s_bounds_each_code_block(services, model_server):
     assert lines[0]["limits"]["cell_timeout_s"] == 0.5
     cell = lines[1]["code_blocks"][0]["result"]
     assert cell["timed_out"] is True and cell["execution_time"] < 20
+
+
+async def test_a_context_altered_on_disk_fails_the_run_with_no_answer(services, needle_file):
+    async with connect(services) as client:
+        info = await call(client, "rlm_load_context", path=str(needle_file))
+        content = services.store.context_file(info["handle"]).path
+        content.write_text(content.read_text().replace("SRV-5", "BAD-6"))  # same length, other code
+        result = await call(client, "rlm_complete", query="What is the secret code?", handle=info["handle"], wait_s=60)
+        assert (result["status"], result["answer"]) == ("failed", None), result
+        assert f"context {info['handle']} (big.log) was changed on disk after it was loaded" in result["error"]
+        assert "rlm_delete_context" in result["error"]
+        page = await call(client, "rlm_get_trajectory", run_id=result["run_id"])
+        assert (page["status"], page["answer"]) == ("failed", None)
+        # Loading the input again replaces nothing (same content, same handle) and runs clean.
+        (needle_file.parent / "again.log").write_text(needle_file.read_text())
+        await call(client, "rlm_delete_context", handle=info["handle"])
+        again = await call(client, "rlm_load_context", path=str(needle_file.parent / "again.log"))
+        redone = await call(client, "rlm_complete", query="What is the secret code?", handle=again["handle"], wait_s=60)
+        assert (redone["status"], redone["answer"]) == ("completed", "SRV-5")
+
+
+async def test_trajectories_are_private_to_the_server_user_whatever_the_umask(services):
+    previous = os.umask(0)
+    try:
+        async with connect(services) as client:
+            result = await call(client, "rlm_complete", query="q", context="secret code is PRIV-1")
+    finally:
+        os.umask(previous)
+    assert result["answer"] == "PRIV-1"
+    home = services.settings.home
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    for path in [home / "trajectories", *(home / "trajectories").iterdir()]:
+        assert stat.S_IMODE(path.stat().st_mode) == (0o700 if path.is_dir() else 0o600), path
+
+
+@pytest.mark.parametrize("backend", ["docker", "daytona"])
+async def test_a_private_stored_context_is_readable_in_the_other_sandbox_backends(settings, needle_file, request,
+                                                                                 backend):
+    """Store files are 0600 and owned by the server's user; the container's unprivileged user
+    (Docker) and the upload (Daytona) must still get the content."""
+    services = Services.create(replace(settings, sandbox=backend))
+    services.engine.sandboxes.register(request.getfixturevalue(f"{backend}_provider"))
+    try:
+        async with Client(build_server(services)) as client:
+            info = await call(client, "rlm_load_context", path=str(needle_file))
+            stored = services.store.context_file(info["handle"]).path
+            assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+            result = await call(client, "rlm_complete", query="What is the secret code?", handle=info["handle"],
+                                wait_s=120)
+    finally:
+        await services.aclose()
+    assert (result["status"], result["answer"]) == ("completed", "SRV-5"), result
+
+
+# ----- errors that say what went wrong and what to do ---------------------------------------------
+
+
+def unavailable(reason: str) -> None:
+    """Skip on a developer machine; fail under CI=true, where every wall must be proven."""
+    if os.environ.get("CI", "").strip().lower() in ("true", "1"):
+        pytest.fail(f"{reason} (CI=true: this test must run)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 1 MiB tmpfs mounted for the test (needs root), unmounted afterwards."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        unavailable("mounting a 1 MiB tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(mount)],
+                          capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        unavailable(f"cannot mount a tmpfs: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True, timeout=30, check=True)
+
+
+def fill(disk: Path) -> None:
+    """Write to ``disk`` until it is full."""
+    with open(disk / "filler", "wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * 4096)
+                out.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+        finally:
+            with contextlib.suppress(OSError):
+                out.close()
+
+
+async def test_a_full_disk_gives_errors_that_say_so_and_what_to_do(settings, small_disk, tmp_path):
+    services = Services.create(replace(settings, home=small_disk / "home"))
+    big = tmp_path / "big.txt"
+    big.write_text(haystack(2_000_000, "FULL-1"))
+    try:
+        async with Client(build_server(services)) as client:
+            message = await error_of(client, "rlm_load_context", path=str(big))
+            assert message.startswith("Error executing tool rlm_load_context: storing the context failed: no space "
+                                      f"left on the disk in {services.store.root}"), message
+            assert "rlm_delete_context" in message
+            assert [p.name for p in services.store.root.iterdir()] == []  # the partial copy is gone
+            small = await call(client, "rlm_load_context", text="secret code is FULL-2")
+            fill(small_disk)
+            inline = await error_of(client, "rlm_complete", query="q", context="y" * 150_000)
+            assert "storing the context failed: no space left on the disk" in inline, inline
+            result = await call(client, "rlm_complete", query="q", handle=small["handle"], wait_s=60)
+            assert result["status"] == "failed", result
+            assert result["error"].startswith("writing the run's trajectory failed: no space left on the disk in "
+                                              f"{small_disk / 'home' / 'trajectories'}"), result["error"]
+    finally:
+        await services.aclose()
+
+
+async def test_a_path_with_a_nul_character_is_refused_with_what_to_do(services):
+    async with connect(services) as client:
+        message = await error_of(client, "rlm_load_context", path="/etc/pass\x00wd")
+    assert "the path '/etc/pass\\x00wd' contains a NUL character" in message
+    assert message.endswith("pass the path without it")
+
+
+async def test_an_overlong_path_says_the_name_is_too_long(services):
+    async with connect(services) as client:
+        message = await error_of(client, "rlm_load_context", path="/tmp/" + "a" * 300 + "/x.txt")
+    assert "a file name is too long" in message and "use a shorter path" in message
+    assert len(message) < 600, message
+
+
+@pytest.mark.parametrize("tool", ["rlm_get_result", "rlm_cancel", "rlm_get_trajectory"])
+async def test_an_overlong_run_id_is_refused_with_what_to_do(services, tool):
+    """300 characters once reached a file name (ENAMETOOLONG) and came back as a bare error."""
+    async with connect(services) as client:
+        message = await error_of(client, tool, run_id="run-20260101-120000-abcdef" + "9" * 300)
+    assert "is not a run id (they look like run-20260101-120000-a1b2c3" in message, message
+    assert "use the run_id that rlm_complete returned" in message and len(message) < 500
+
+
+@pytest.mark.parametrize("tool, argument", [
+    ("rlm_peek_context", "handle"), ("rlm_delete_context", "handle"), ("rlm_complete", "handle"),
+    ("rlm_load_context", "path"), ("rlm_get_result", "run_id"),
+])
+async def test_a_10_mb_input_is_echoed_only_as_a_bounded_excerpt(services, caplog, tool, argument):
+    huge = "ctx_" + "0" * 10_000_000
+    arguments = {argument: huge, **({"query": "q"} if tool == "rlm_complete" else {})}
+    caplog.set_level(logging.DEBUG)
+    async with connect(services) as client:
+        message = await error_of(client, tool, **arguments)
+    assert len(message) < 1_000, len(message)
+    assert "10,000,004 characters" in message  # says how long the input was
+    assert max(len(record.getMessage()) for record in caplog.records) < 5_000

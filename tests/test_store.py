@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -600,3 +602,67 @@ def test_a_file_swapped_for_a_symlink_out_of_the_roots_after_checking_is_not_rea
     swapped.symlink_to(outside / "secret.txt")  # as if replaced between the scan and the open
     with pytest.raises(ContextError, match="now points outside the allowed roots"):
         ContextStore._open_regular(swapped, "report.txt", [inside.resolve()])
+
+
+# ----- privacy and integrity ----------------------------------------------------------------------
+
+
+def modes_under(root: Path) -> dict[str, str]:
+    """Every path under ``root`` (itself included) with its permission bits, e.g. {"a/b": "0o600"}."""
+    found = {".": oct(stat.S_IMODE(root.stat().st_mode))}
+    for path in root.rglob("*"):
+        found[str(path.relative_to(root))] = oct(stat.S_IMODE(path.lstat().st_mode))
+    return found
+
+
+def test_the_store_is_private_to_the_server_user_whatever_the_umask(tmp_path: Path) -> None:
+    """Contexts hold whatever users loaded: 0700 directories, 0600 files, even under umask 000."""
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "a.txt").write_text("alpha")
+    (tmp_path / "one.txt").write_text("one file")
+    previous = os.umask(0)
+    try:
+        store = make_store(tmp_path)
+        text = store.load_text("inline words", name="inline")
+        store.load_text("inline words", name="alias")  # rewrites meta.json with the alias
+        docs = store.load_path(str(tmp_path / "repo"))
+        store.load_path(str(tmp_path / "one.txt"))
+        store.combine([text.handle, docs.handle])
+    finally:
+        os.umask(previous)
+    home = tmp_path / "home"
+    modes = modes_under(home)
+    assert modes["."] == "0o700"
+    wrong = {path: mode for path, mode in modes.items()
+             if mode != ("0o700" if (home / path).is_dir() else "0o600")}
+    assert wrong == {}, wrong
+    assert sum(1 for path in modes if path.endswith("content.txt") or path.endswith("content.jsonl")) == 4
+
+
+def test_an_existing_store_directory_is_made_private_but_a_chosen_home_is_left_alone(tmp_path: Path) -> None:
+    home = tmp_path / "shared"
+    (home / "contexts").mkdir(parents=True)
+    os.chmod(home, 0o755)
+    os.chmod(home / "contexts", 0o755)  # as an older version left it
+    ContextStore(Settings(home=home))
+    assert stat.S_IMODE((home / "contexts").stat().st_mode) == 0o700
+    assert stat.S_IMODE(home.stat().st_mode) == 0o755  # RLM_MCP_HOME=/tmp must not make /tmp private
+
+
+@pytest.mark.parametrize("tamper", ["content", "content and meta.json"])
+def test_verify_catches_a_context_altered_after_loading(store: ContextStore, tamper: str) -> None:
+    info = store.load_text("the secret code is GOOD-1", name="doc")
+    store.verify(info.handle)  # untouched: passes
+    content = store.context_file(info.handle).path
+    altered = b"the secret code is EVIL-9"
+    os.chmod(content, 0o600)
+    content.write_bytes(altered)
+    if tamper == "content and meta.json":  # a careful forger also fixes the recorded hash
+        meta_path = content.parent / "meta.json"
+        meta = json.loads(meta_path.read_text())
+        meta["info"]["sha256"] = hashlib.sha256(altered).hexdigest()
+        meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ContextError, match=rf"context {info.handle} \(doc\) was changed on disk after it was "
+                                           r"loaded .* delete it with rlm_delete_context and load the input again"):
+        store.verify(info.handle)
+

@@ -8,6 +8,7 @@ seen by a reader thread, replies are waited for on queues, and every wait has a 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -25,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from mcp import Client, StdioServerParameters
@@ -457,6 +459,55 @@ async def test_sse_with_the_bearer_token_lists_tools_and_refuses_without_it(serv
         assert loaded["characters"] == len("over sse")
     assert httpx.get(url, timeout=30).status_code == 401
     assert httpx.post(f"http://127.0.0.1:{port}/messages/?session_id=0", json={}, timeout=30).status_code == 401
+
+
+# ----- a server killed mid-run ---------------------------------------------------------------
+
+
+async def test_a_run_whose_server_was_killed_is_failed_everywhere_after_a_restart(serve, model_server, tmp_path):
+    """SIGKILL mid-run, then a new server on the same data dir: rlm_get_result, rlm_get_trajectory
+    and rlm_cancel all say "failed: the server stopped during the run", and so does the file."""
+    reached, release = threading.Event(), threading.Event()
+
+    def hold(messages: list[dict[str, Any]]) -> str:  # the second root call: the run is mid-way
+        reached.set()
+        release.wait(60)
+        return "FINAL(too late)"
+
+    model_server.script("killed-mid-run", ["```repl\nprint('step one')\n```", hold])
+    port = free_port()
+    first = serve("--transport", "http", "--port", str(port), RLM_MCP_AUTH_TOKEN=TOKEN).wait_ready()
+    url = f"http://127.0.0.1:{port}/mcp"
+    try:
+        with anyio.fail_after(120):
+            async with bearer_client(TOKEN) as http:
+                async with Client(streamable_http_client(url, http_client=http), read_timeout_seconds=60) as client:
+                    started = structured(await client.call_tool("rlm_complete", {
+                        "query": "q", "context": "tiny", "model": "openai/killed-mid-run", "wait_s": 0}))
+                    assert await asyncio.to_thread(reached.wait, 60), "the run never reached its second iteration"
+                    first.proc.kill()  # SIGKILL: no shutdown code runs
+                    assert first.wait_exit() == -signal.SIGKILL
+    except* (httpx.HTTPError, anyio.ClosedResourceError, ConnectionError):
+        pass  # the client noticed its server vanish while closing the session
+    finally:
+        release.set()
+    run_id = started["run_id"]
+    path = tmp_path / "home" / "trajectories" / f"{run_id}.jsonl"
+    assert json.loads(path.read_text().splitlines()[0])["status"] == "running"  # as the killed server left it
+
+    serve("--transport", "http", "--port", str(port), RLM_MCP_AUTH_TOKEN=TOKEN).wait_ready()
+    async with bearer_client(TOKEN) as http:
+        async with Client(streamable_http_client(url, http_client=http), read_timeout_seconds=60) as client:
+            result = structured(await client.call_tool("rlm_get_result", {"run_id": run_id}))
+            page = structured(await client.call_tool("rlm_get_trajectory", {"run_id": run_id}))
+            cancelled = structured(await client.call_tool("rlm_cancel", {"run_id": run_id}))
+    stopped = "the server stopped during the run"
+    assert (result["status"], result["error"], result["answer"]) == ("failed", stopped, None), result
+    assert (cancelled["status"], cancelled["error"]) == ("failed", stopped), cancelled
+    assert page["status"] == "failed" and page["total_iterations"] == 1, page
+    metadata = json.loads(path.read_text().splitlines()[0])
+    assert (metadata["status"], metadata["error"]) == ("failed", stopped)
+    assert metadata["finished_at"] and metadata["run_id"] == run_id
 
 
 # ----- tokens and bind rules ------------------------------------------------------------------
