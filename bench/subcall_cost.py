@@ -91,9 +91,7 @@ class LoopLagProbe:
         self.report = LagReport(interval_s)
 
     async def _run(self) -> None:
-        # This thread's CPU time, not wall time: on a shared machine a step can be descheduled
-        # for tens of ms without doing any work, and that is not a stall we caused.
-        clock = time.thread_time
+        clock = time.perf_counter
         while not self._stop:
             due = clock() + self.interval_s
             await asyncio.sleep(self.interval_s)
@@ -338,6 +336,10 @@ KNOBS: dict[str, tuple[str, Callable[[Any, dict[str, Any], Any, str], None]]] = 
     "httpx": ("litellm.disable_aiohttp_transport = True (httpx transport instead of aiohttp)",
               _set("disable_aiohttp_transport", True)),
     "notokens": ("litellm.disable_token_counter = True", _set("disable_token_counter", True)),
+    "internal": ("EXPERIMENT, private API: litellm._internal_context.is_internal_call set for the calls "
+                 "(litellm then schedules no success logging); measures what that logging costs",
+                 lambda litellm, kwargs, context, api_base: __import__(
+                     "litellm._internal_context", fromlist=["is_internal_call"]).is_internal_call.set(True)),
     "price0": ("per-call kwargs input_cost_per_token=0, output_cost_per_token=0 (custom pricing)",
                lambda litellm, kwargs, context, api_base: kwargs.update(input_cost_per_token=0.0,
                                                                           output_cost_per_token=0.0)),
@@ -393,6 +395,13 @@ async def measure_variant(variant: str, api_base: str, model: str, calls: int, c
                            "cpu_ms_per_call": cpu / calls * 1000, "wall_ms_per_call": wall / calls * 1000,
                            "loop": probe.report.__dict__, "gc": gcw.summary(),
                            "steps": steps.summary()}
+    # A deterministic measure of work next to the noisy CPU time (this machine is shared): the
+    # Python function calls one model call makes, counted by cProfile over 64 more calls.
+    counter = cProfile.Profile()
+    counter.enable()
+    await drive(call, 64, concurrency, prompt)
+    counter.disable()
+    out["py_calls_per_call"] = sum(row[1] for row in pstats.Stats(counter).stats.values()) / 64  # type: ignore[attr-defined]
     if profiler is not None:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(45)
@@ -444,6 +453,7 @@ async def measure_engine(variant: str, api_base: str, documents: int) -> dict[st
     from rlm_mcp.models import Completion, ModelClient
     from rlm_mcp.runs import shape_of
     from rlm_mcp.store import ContextStore
+    from rlm_mcp.testing.model_server import answer_subcall
 
     base, *knobs = variant.split("+")
 
@@ -452,8 +462,8 @@ async def measure_engine(variant: str, api_base: str, documents: int) -> dict[st
 
         async def complete(self, model: str, messages: list[dict[str, str]]) -> Completion:
             if model.endswith("/count") and len(messages) == 1:
-                await asyncio.sleep(0)
-                return Completion(model, "0", 1, 1, None, 0.0)
+                await asyncio.sleep(0)  # a real call yields to the loop at least once
+                return Completion(model, answer_subcall(messages), 1, 1, None, 0.0)
             return await super().complete(model, messages)
 
     class DirectClient(ModelClient):
@@ -519,6 +529,36 @@ def section_engine(args: argparse.Namespace) -> list[dict[str, Any]]:
     return out
 
 
+def section_knobs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each litellm knob against the same baseline, in interleaved pairs (the host is shared and
+    its load drifts: a pair's two runs see nearly the same conditions)."""
+    out = []
+    base = args.knob_baseline
+    with model_server(0) as api_base:
+        for model in args.models:
+            for knob in args.knobs:
+                pairs = []
+                for _ in range(args.repeats):
+                    pair = []
+                    for variant in (base, f"{base}+{knob}"):
+                        pair.append(run_child(["--child", variant, "--api-base", api_base, "--model", model,
+                                               "--calls", str(args.calls), "--concurrency", str(args.concurrency),
+                                               "--warmup", str(args.warmup)]))
+                    pairs.append(pair)
+                before = [p[0]["cpu_ms_per_call"] for p in pairs]
+                after = [p[1]["cpu_ms_per_call"] for p in pairs]
+                delta = statistics.median(b - a for a, b in zip(before, after))
+                fcalls = (pairs[0][0]["py_calls_per_call"], pairs[0][1]["py_calls_per_call"])
+                result = {"model": model, "knob": knob, "what": (KNOBS.get(knob) or PROCESS_KNOBS[knob])[0],
+                          "baseline_ms": statistics.median(before), "with_knob_ms": statistics.median(after),
+                          "median_delta_ms": delta, "py_calls": fcalls}
+                out.append(result)
+                print(f"knob {knob:9} {model:20} {result['baseline_ms']:.2f} -> {result['with_knob_ms']:.2f} ms/call "
+                      f"(median paired delta {delta:+.2f} ms over {len(pairs)} pairs); Python calls per call "
+                      f"{fcalls[0]:.0f} -> {fcalls[1]:.0f}", flush=True)
+    return out
+
+
 IMPORT_PROBE = """
 import json, os, time, resource
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -547,19 +587,33 @@ def section_import(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 async def import_with_probe(mode: str) -> dict[str, Any]:
-    """Import litellm ``on-loop`` or in a ``thread`` while the lag probe runs on the loop."""
+    """Import litellm ``on-loop``, in a ``thread``, or in a thread with a 1 ms GIL switch
+    interval (``thread-1ms``) while the lag probe runs on the loop; ``idle`` imports nothing
+    (the machine's own noise: on a loaded host the OS deschedules even an idle loop)."""
     wall = time.perf_counter()
     async with LoopLagProbe(0.002) as probe:
         if mode == "on-loop":
             import litellm  # noqa: F401  (what the first model call does today)
+        elif mode == "idle":
+            await asyncio.sleep(2.0)
+        elif mode in ("thread", "thread-1ms"):
+            previous = sys.getswitchinterval()
+            if mode == "thread-1ms":
+                # A thread holding the GIL gives it up after this interval when another waits;
+                # the default 5 ms lets each loop wake-up wait up to ~2 intervals.
+                sys.setswitchinterval(0.001)
+            try:
+                await asyncio.to_thread(__import__, "litellm")
+            finally:
+                sys.setswitchinterval(previous)
         else:
-            await asyncio.to_thread(__import__, "litellm")
+            raise SystemExit(f"unknown import mode {mode!r}")
     return {"mode": mode, "wall_s": time.perf_counter() - wall, "loop": probe.report.__dict__}
 
 
 def section_warm(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = []
-    for mode in ("on-loop", "thread"):
+    for mode in ("idle", "on-loop", "thread", "thread-1ms"):
         for _ in range(args.repeats):
             result = run_child(["--child-import", mode])
             out.append(result)
@@ -636,7 +690,7 @@ def child_main(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
-SECTIONS = {"cpu": section_cpu, "engine": section_engine, "import": section_import, "warm": section_warm, "json": section_json}
+SECTIONS = {"cpu": section_cpu, "knobs": section_knobs, "engine": section_engine, "import": section_import, "warm": section_warm, "json": section_json}
 
 
 def main() -> None:
@@ -650,6 +704,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--knobs", default="nolog,price0,notokens,client,httpx,internal",
+                        help="knobs section: litellm knobs to compare with --knob-baseline")
+    parser.add_argument("--knob-baseline", default="litellm+gcfreeze")
     parser.add_argument("--documents", type=int, default=1000, help="engine section: documents (sub-calls)")
     parser.add_argument("--engine-variants", default="engine,engine+gcfreeze,engine-direct,engine-null")
     parser.add_argument("--json-mb", type=int, default=5)
@@ -675,6 +732,7 @@ def main() -> None:
     args.models = [m for m in args.models.split(",") if m]
     args.json_variants = [v for v in args.json_variants.split(",") if v]
     args.engine_variants = [v for v in args.engine_variants.split(",") if v]
+    args.knobs = [k for k in args.knobs.split(",") if k]
     if args.profile:
         with model_server(0) as api_base:
             done = subprocess.run([sys.executable, "-m", "bench.subcall_cost", "--child", args.profile,
