@@ -132,9 +132,6 @@ class Group:
             finally:
                 os.close(fd)
 
-    def contains(self, pid: int) -> bool:
-        return all(pid in _read_pids(Path(os.fsdecode(path))) for path in self._procs)
-
     def pids(self) -> set[int]:
         found: set[int] = set()
         for path in self._procs:
@@ -244,7 +241,10 @@ class GroupMaker:
         if "" in mounts and "" in own:
             mount_root, mount_point = mounts[""]
             maker = cls(2, {c: _inside(mount_point, mount_root, own[""]) for c in CONTROLLERS}, prefix)
-            reason = maker._delegate_v2()
+            try:
+                reason = maker._delegate_v2()
+            except OSError as exc:
+                reason = f"cannot read the server's cgroup v2 group ({exc.strerror or exc})"
             return (maker, "") if not reason else (None, reason)
         missing = [c for c in CONTROLLERS if c not in v1]
         return None, f"the cgroup controllers {', '.join(missing)} are not mounted"
@@ -264,6 +264,9 @@ class GroupMaker:
         as under ``systemd-run --scope -p Delegate=yes``), move the server into a leaf
         ``rlm-mcp-server`` and enable the controllers for its siblings, the sandboxes."""
         own = self.parents["memory"]
+        if own.name == f"{self.prefix}server":  # moved there by an earlier provider of this process
+            own = own.parent
+            self.parents = dict.fromkeys(CONTROLLERS, own)
         available = set((own / "cgroup.controllers").read_text().split()) if (own / "cgroup.controllers").exists() else set()
         missing = [c for c in CONTROLLERS if c not in available]
         if missing:

@@ -175,7 +175,7 @@ def _setup_bubblewrap(isolation: Isolation, settings: Settings) -> str:
                               preexec_fn=_child_setup(isolation, None, settings, cpu_s=60), cwd="/")
         problem = "" if done.returncode == 0 else (
             f"bubblewrap fails here: {done.stderr.decode('utf-8', 'replace').strip()[:300]} "
-            "(user namespaces disabled? see the README's Sandboxes section)")
+            "(as non-root, bubblewrap needs unprivileged user namespaces)")
     except (OSError, subprocess.SubprocessError) as exc:
         problem = f"bubblewrap cannot start: {exc}"
     if problem:
@@ -200,16 +200,21 @@ def _setup_plain_python(isolation: Isolation) -> None:
     interpreter = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
     if not interpreter.startswith(prefix + os.sep):
         return  # an unusual layout: run it as it is; a start failure names the uid to fix
-    prefix_fd = os.open(prefix, os.O_PATH | os.O_DIRECTORY)
-    script_fd = os.open(WORKER_SCRIPT, os.O_PATH)
-    isolation.inherited = [prefix_fd, script_fd]
+    try:
+        prefix_fd = os.open(prefix, os.O_PATH | os.O_DIRECTORY)
+        isolation.inherited.append(prefix_fd)
+        script_fd = os.open(WORKER_SCRIPT, os.O_PATH)
+        isolation.inherited.append(script_fd)
+        site_fds = [os.open(directory, os.O_PATH | os.O_DIRECTORY) for directory in site.getsitepackages()
+                    if os.path.isdir(directory) and not os.path.realpath(directory).startswith(prefix + os.sep)]
+        isolation.inherited += site_fds
+    except OSError as exc:  # run the interpreter as it is: a start failure then names the uid
+        log.warning("cannot open the Python installation for the sandbox's uid: %s", exc)
+        isolation.close()
+        return
     isolation.python = [f"/proc/self/fd/{prefix_fd}/{os.path.relpath(interpreter, prefix)}", "-I", "-u"]
     isolation.script = f"/proc/self/fd/{script_fd}"
-    for directory in site.getsitepackages():
-        if os.path.isdir(directory) and not os.path.realpath(directory).startswith(prefix + os.sep):
-            fd = os.open(directory, os.O_PATH | os.O_DIRECTORY)
-            isolation.inherited.append(fd)
-            isolation.site_dirs.append(f"/proc/self/fd/{fd}")
+    isolation.site_dirs = [f"/proc/self/fd/{fd}" for fd in site_fds]
 
 
 def _reachable(path: str, uid: int, gid: int) -> bool:
