@@ -20,7 +20,7 @@ import contextlib
 import json
 import logging
 import signal
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ LOCALS_KEPT = 40          # what a real worker reports at most (worker.LOCALS_SH
 LOCAL_CHARS = 400         # per variable summary (the worker's own is ~200)
 NOTICES_KEPT = 10
 MESSAGE_TYPES = ("ready", "call", "result", "fatal")
+NEWLINE = b"\n"
 
 
 def excerpt_of(data: bytes | str) -> str:
@@ -62,7 +63,7 @@ async def read_line_bounded(reader: asyncio.StreamReader, limit: int) -> bytes:
     size = 0
     while True:
         try:
-            piece = await reader.readuntil(b"\n")
+            piece = await reader.readuntil(NEWLINE)
         except asyncio.IncompleteReadError:
             return b""  # end of stream; a partial line from a dying worker is dropped
         except asyncio.LimitOverrunError as exc:  # no newline within the reader's limit yet
@@ -70,10 +71,10 @@ async def read_line_bounded(reader: asyncio.StreamReader, limit: int) -> bytes:
         size += len(piece)
         if size > limit + 1:
             raise message_too_large(limit)
-        if not pieces and piece.endswith(b"\n"):
+        if not pieces and piece.endswith(NEWLINE):
             return piece
         pieces.append(piece)
-        if piece.endswith(b"\n"):
+        if piece.endswith(NEWLINE):
             return b"".join(pieces)
 
 
@@ -128,9 +129,9 @@ class WorkerTransport(abc.ABC):
     async def close(self) -> None:
         """Close stdin so the worker exits, then make sure it is gone and cleaned up."""
 
-    async def read_line_from(self, reader: asyncio.StreamReader) -> bytes:
+    def read_line_from(self, reader: asyncio.StreamReader) -> Awaitable[bytes]:
         """receive_line for transports whose worker output is a StreamReader."""
-        return await read_line_bounded(reader, self.max_message_bytes)
+        return read_line_bounded(reader, self.max_message_bytes)
 
     async def settle(self, timeout: float = 1.0) -> None:
         """Wait briefly for the worker's exit status to be known (used before describe_exit)."""
@@ -332,7 +333,9 @@ class WorkerSandbox(Sandbox):
                 line = await transport.receive_line()
                 if not line:
                     return
-                await self._dispatch(transport, await self._parse(line), len(line))
+                # Tens of MB of JSON take a while to parse: not on the event loop.
+                message = self._parse(line) if len(line) < THREAD_PARSE_BYTES else await asyncio.to_thread(self._parse, line)
+                await self._dispatch(transport, message, len(line))
         except ProtocolError as exc:
             # One warning per killed worker (each restart costs the attacker a cell), with the
             # untrusted part already cut to an excerpt.
@@ -346,19 +349,16 @@ class WorkerSandbox(Sandbox):
             gone.set()
 
     @staticmethod
-    async def _parse(line: bytes) -> dict[str, Any]:
+    def _parse(line: bytes) -> dict[str, Any]:
         """A protocol message, or ProtocolError: only the worker writes here, and it writes
         nothing but JSON objects of known types."""
-        shown = excerpt_of(line.rstrip(b"\n"))
         try:
-            if len(line) < THREAD_PARSE_BYTES:
-                message = json.loads(line)
-            else:  # tens of MB of JSON take a while: not on the event loop
-                message = await asyncio.to_thread(json.loads, line)
+            message = json.loads(line)
         except (ValueError, RecursionError):
-            raise ProtocolError("it wrote a line that is not a protocol message to its private "
-                                f"channel: {shown}") from None
+            shown = excerpt_of(line.rstrip(NEWLINE))
+            raise ProtocolError(f"it wrote a line that is not a protocol message to its private channel: {shown}") from None
         if not isinstance(message, dict) or message.get("type") not in MESSAGE_TYPES:
+            shown = excerpt_of(line.rstrip(NEWLINE))
             raise ProtocolError(f"it wrote an unknown message to its private channel: {shown}")
         return message
 
@@ -370,7 +370,9 @@ class WorkerSandbox(Sandbox):
                 raise ProtocolError(f"it wrote a malformed sub-call to its private channel (prompt "
                                     f"{type(prompt).__name__}, model {type(model).__name__})")
             await self._slots.acquire()  # back-pressure: stop reading until a slot frees
-            await self._reserve_prompt_bytes(size)
+            if self._prompt_bytes and self._prompt_bytes + size > self.spec.max_message_bytes:
+                await self._prompt_room(size)
+            self._prompt_bytes += size
             task = asyncio.create_task(self._serve_call(transport, message, size))
             self._call_tasks.add(task)
             task.add_done_callback(self._call_tasks.discard)
@@ -390,13 +392,12 @@ class WorkerSandbox(Sandbox):
             raise ProtocolError(f"it reported a fatal error after it had started: "
                                 f"{excerpt_of(str(message.get('error')))}")
 
-    async def _reserve_prompt_bytes(self, size: int) -> None:
+    async def _prompt_room(self, size: int) -> None:
         """Hold the reader until the prompts in flight leave room for this one: their total
         stays under one maximal message (or is this one message alone)."""
         while self._prompt_bytes and self._prompt_bytes + size > self.spec.max_message_bytes:
             self._bytes_freed = asyncio.get_running_loop().create_future()
             await self._bytes_freed
-        self._prompt_bytes += size
 
     def _free_prompt_bytes(self, size: int) -> None:
         self._prompt_bytes -= size

@@ -117,7 +117,7 @@ class SessionTransport(WorkerTransport):
         self.failure: str | None = None
         self._lines: asyncio.Queue[bytes | ProtocolError] = asyncio.Queue()
         self._queued = 0  # bytes of complete lines waiting in _lines
-        self._room = asyncio.Condition()
+        self._room = asyncio.Event()  # set when receive_line takes a line (or the stream ends)
         self._partial: list[str] = []
         self._partial_chars = 0
         self._overflowed = False
@@ -186,10 +186,10 @@ class SessionTransport(WorkerTransport):
                 return
             line = "".join(self._partial).encode("utf-8", "replace") + b"\n"
             self._partial, self._partial_chars = [], 0
-            async with self._room:  # back-pressure: at most one message's worth queued
-                await self._room.wait_for(lambda: self._ended or not self._queued
-                                          or self._queued + len(line) <= limit)
-                self._queued += len(line)
+            while self._queued and self._queued + len(line) > limit and not self._ended:
+                self._room.clear()  # back-pressure: at most one message's worth queued
+                await self._room.wait()
+            self._queued += len(line)
             self._lines.put_nowait(line)
 
     def _on_stderr(self, chunk: str) -> None:
@@ -204,6 +204,7 @@ class SessionTransport(WorkerTransport):
         if not self._ended:
             self._ended = True
             self._lines.put_nowait(b"")
+            self._room.set()
 
     async def receive_line(self) -> bytes:
         line = await self._lines.get()
@@ -212,9 +213,8 @@ class SessionTransport(WorkerTransport):
         if not line:
             self._lines.put_nowait(b"")  # stay at end of stream for later readers
             return line
-        async with self._room:
-            self._queued -= len(line)
-            self._room.notify_all()
+        self._queued -= len(line)
+        self._room.set()
         return line
 
     # ----- host -> worker ---------------------------------------------------------------------
