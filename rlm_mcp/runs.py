@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import pydantic
 from rlm_mcp.engine import RlmEngine, RunEvent, RunRequest, RunResult
 from rlm_mcp.errors import RlmError, RunNotFound, quoted
 from rlm_mcp.prompts import ContextShape
-from rlm_mcp.trajectory import (now_iso, process_gone, process_identity, read_metadata, read_trajectory,
+from rlm_mcp.trajectory import (excerpt, now_iso, process_gone, process_identity, read_metadata, read_trajectory,
                                 rewrite_metadata, unique_run_id)
 from rlm_mcp.usage import ModelUsage
 
@@ -31,7 +32,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FINISHED_RUNS_KEPT = 500
+FINISHED_RUNS_KEPT = 500           # finished runs kept in memory, newest first ...
+FINISHED_RUNS_MAX_BYTES = 64 << 20  # ... within this many bytes (answers can be megabytes)
+RUN_OVERHEAD_BYTES = 4_096          # a finished run's objects besides its strings, roughly
+QUERY_KEPT_CHARS = 1_000
 SERVER_STOPPED = "the server stopped during the run"
 FINISHED = ("completed", "limit_reached", "failed", "cancelled")
 RUN_ID = re.compile(r"run-\d{8}-\d{6}-[0-9a-f]{6}(?:\.\d{1,6}){0,8}")
@@ -42,7 +46,8 @@ class Run:
     """A run the manager knows about, finished or not."""
 
     run_id: str
-    request: RunRequest
+    request: RunRequest | None  # None once the run has ended: a query can be megabytes
+    query: str = ""  # an excerpt, kept after the end
     task: asyncio.Task[RunResult] | None = None
     result: RunResult | None = None
     last_event: RunEvent | None = None
@@ -54,6 +59,17 @@ class Run:
     @property
     def done(self) -> bool:
         return self.result is not None
+
+    def release(self) -> None:
+        """Drop what only an unfinished run needs."""
+        self.request = None
+        self.check = None
+        self.listeners.clear()
+
+    def kept_bytes(self) -> int:
+        """Roughly what this run holds in memory once finished."""
+        strings = [self.query] + ([self.result.answer or "", self.result.error or ""] if self.result else [])
+        return RUN_OVERHEAD_BYTES + sum(sys.getsizeof(text) for text in strings)
 
     def progress_message(self) -> str:
         if self.queued:
@@ -76,7 +92,7 @@ class RunManager:
         ``check`` (blocking) verifies the context; it runs in a thread alongside the run, and
         if it raises RlmError the run is stopped and fails with that message, answer withheld."""
         self.engine.prepare(request)
-        run = Run(unique_run_id(), request, check=check)
+        run = Run(unique_run_id(), request, query=excerpt(request.query, QUERY_KEPT_CHARS), check=check)
         if listener is not None:
             run.listeners.append(listener)
         run.task = asyncio.create_task(self._drive(run), name=run.run_id)
@@ -101,12 +117,16 @@ class RunManager:
         except Exception as exc:  # engine.run reports failures itself; this is a safety net
             log.exception("run %s crashed", run.run_id)
             run.result = RunResult(run_id=run.run_id, status="failed", error=f"internal error: {exc!r}")
+        finally:
+            run.release()
+            self._forget_old()
         return run.result
 
     async def _checked_run(self, run: Run, on_event: Callable[[RunEvent], None]) -> RunResult:
         """The engine's run, with ``run.check`` in a thread alongside it: hashing a large context
         takes ~0.1 s per 100 MB, which overlaps the sandbox start and the first model call
         instead of delaying them. No answer is returned unless the check passed."""
+        assert run.request is not None
         work = self.engine.run(run.request, run_id=run.run_id, on_event=on_event)
         if run.check is None:
             return await work
@@ -176,6 +196,8 @@ class RunManager:
                 await run.task
         if run.result is None:  # cancelled before its first step ran
             run.result = self._cancelled(run)
+            run.release()
+            self._forget_old()
         return run
 
     def trajectory(self, run_id: str) -> Path | None:
@@ -231,9 +253,14 @@ class RunManager:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def _forget_old(self) -> None:
-        finished = [run_id for run_id, run in self.runs.items() if run.done]
-        for run_id in finished[:max(0, len(finished) - FINISHED_RUNS_KEPT)]:
-            del self.runs[run_id]
+        """Keep the newest finished runs within a count and a byte budget; older ones leave
+        memory and are read back from their trajectory when asked for."""
+        count = size = 0
+        for run in reversed([run for run in self.runs.values() if run.done]):
+            count += 1
+            size += run.kept_bytes()
+            if count > FINISHED_RUNS_KEPT or size > FINISHED_RUNS_MAX_BYTES:
+                del self.runs[run.run_id]
 
 
 def check_run_id(run_id: object) -> str:

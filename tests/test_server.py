@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import errno
+import gc
 import json
 import logging
 import os
 import re
 import stat
 import subprocess
+import sys
+import types
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,11 @@ from typing import Any
 import pytest
 from mcp import Client
 
+from rlm_mcp import runs as runs_module
 from rlm_mcp.config import Limits, Settings
+from rlm_mcp.engine import RunRequest
+from rlm_mcp.prompts import ContextShape
+from rlm_mcp.sandbox import ContextFile
 from rlm_mcp.server import Services, build_server
 from rlm_mcp.testing.model_server import CHUNK_CHARS
 from tests.conftest import haystack
@@ -446,3 +454,69 @@ async def test_a_10_mb_input_is_echoed_only_as_a_bounded_excerpt(services, caplo
     assert len(message) < 1_000, len(message)
     assert "10,000,004 characters" in message  # says how long the input was
     assert max(len(record.getMessage()) for record in caplog.records) < 5_000
+
+
+# ----- memory kept per finished run ------------------------------------------------------------------
+
+
+SHARED = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.CodeType,
+          types.FrameType, types.TracebackType, contextvars.Context, asyncio.AbstractEventLoop)
+
+
+def reachable_bytes(root: object) -> int:
+    """``sys.getsizeof`` summed over everything reachable from ``root``, short of what every run
+    shares (classes, functions, modules, the event loop, contexts, frames): what the table of
+    runs keeps alive by itself."""
+    seen: set[int] = set()
+    stack = [root]
+    total = 0
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, SHARED):
+            continue
+        seen.add(id(obj))
+        total += sys.getsizeof(obj)
+        stack.extend(gc.get_referents(obj))
+    return total
+
+
+async def finish_runs(services: Services, queries: list[str], model: str) -> list[str]:
+    run_ids = []
+    for query in queries:
+        run = services.runs.start(RunRequest(query=query, context=ContextFile(None), shape=ContextShape("text", 0),
+                                             model=model))
+        await asyncio.wait_for(asyncio.gather(run.task), 60)
+        assert run.result is not None and run.result.status == "completed", run.result
+        run_ids.append(run.run_id)
+    return run_ids
+
+
+# aiohttp (under litellm) warns about request bodies over 1 MiB, and warnings are errors here.
+@pytest.mark.filterwarnings("ignore:Sending a large body directly:ResourceWarning")
+async def test_finished_runs_keep_only_a_bounded_excerpt_of_their_query(services, model_server):
+    """40 runs with a 5 MB query each once added 229 MB to the server: the query was kept whole."""
+    model_server.script("big-question", ["FINAL(ok)"] * 12)
+    queries = [f"{i}: " + "why " * 500_000 for i in range(12)]  # 2 MB each
+    await finish_runs(services, queries, "openai/big-question")
+    kept = reachable_bytes(services.runs.runs)
+    assert len(services.runs.runs) == 12
+    assert kept < 12 * 16_000, f"{kept:,} bytes kept for 12 finished runs"
+
+
+async def test_finished_runs_are_bounded_by_bytes_and_older_ones_are_read_back_from_their_trajectory(
+        settings, model_server, monkeypatch):
+    """Large answers too: past the byte budget the oldest finished runs leave memory, and
+    rlm_get_result still answers them from their trajectory."""
+    monkeypatch.setattr(runs_module, "FINISHED_RUNS_MAX_BYTES", 3_500_000)
+    big = "```repl\nanswer['content'] = 'A' * 1_000_000\nanswer['ready'] = True\n```"
+    model_server.script("big-answer", [big] * 6)
+    services = Services.create(settings)
+    try:
+        run_ids = await finish_runs(services, [f"q{i}" for i in range(6)], "openai/big-answer")
+        assert list(services.runs.runs) == run_ids[-3:]  # the newest that fit in 3.5 MB
+        assert reachable_bytes(services.runs.runs) < 3_500_000
+        async with Client(build_server(services)) as client:
+            oldest = await call(client, "rlm_get_result", run_id=run_ids[0])
+    finally:
+        await services.aclose()
+    assert (oldest["status"], oldest["answer"]) == ("completed", "A" * 1_000_000)
