@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import re
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 CONTROLLERS = ("memory", "pids", "cpu")
 CPU_PERIOD_US = 100_000
 KILL_ROUNDS = 200  # passes over a group/tree; a fork bomb is bounded by the pids limit meanwhile
+_GROUP_NUMBERS = itertools.count(1)  # process-wide: several providers may share one prefix
 
 
 def pid_alive(pid: int) -> bool:
@@ -220,7 +222,6 @@ class GroupMaker:
     version: int
     parents: dict[str, Path]  # controller -> parent directory (v2: the same directory for all)
     prefix: str  # of the groups' names: it names the owner, so a later server can reap them
-    _counter: int = 0
 
     @classmethod
     def discover(cls, prefix: str) -> tuple["GroupMaker | None", str]:
@@ -252,7 +253,7 @@ class GroupMaker:
     def _probe(self) -> str:
         """'' if a group can be made and limited here; else why not."""
         try:
-            group = self.create(GroupLimits(memory_bytes=64 * 1024**2, pids=8, cpus=0.5), name="probe")
+            group = self.create(GroupLimits(memory_bytes=64 * 1024**2, pids=8, cpus=0.5))
         except OSError as exc:
             return f"cannot create a control group under {self.parents['memory']} ({exc.strerror or exc})"
         group.remove()
@@ -286,10 +287,9 @@ class GroupMaker:
                 return f"cannot delegate cgroup v2 controllers under {own} ({exc.strerror or exc})"
         return self._probe()
 
-    def create(self, limits: GroupLimits, name: str | None = None) -> Group:
+    def create(self, limits: GroupLimits) -> Group:
         """A new group with ``limits``; raises OSError when the host refuses."""
-        self._counter += 1
-        leaf = f"{self.prefix}{name or self._counter}"
+        leaf = f"{self.prefix}{next(_GROUP_NUMBERS)}"
         made: list[Path] = []
         try:
             for parent in dict.fromkeys(self.parents.values()):  # v2: one directory for all

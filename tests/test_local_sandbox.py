@@ -216,6 +216,16 @@ async def test_stderr_the_host_keeps_is_bounded_per_line_and_in_lines(isolation,
     assert len(many_lines.error) < 5_000
 
 
+async def test_two_providers_in_one_server_run_sandboxes_side_by_side(tmp_path):
+    # Each engine has its own registry and provider; their sandboxes' groups must not collide.
+    context = private_context(tmp_path / "store")
+    providers = [LocalProvider(Settings(local_isolation="none", sandbox_memory_mb=512)) for _ in range(2)]
+    async with providers[0].create(SandboxSpec(context, no_subcalls)) as first, \
+            providers[1].create(SandboxSpec(context, no_subcalls)) as second:
+        results = [await sandbox.execute("print(context)", timeout=30) for sandbox in (first, second)]
+    assert [r.stdout.strip() for r in results] == ["visible context"] * 2
+
+
 async def test_control_groups_left_by_a_dead_server_are_removed_at_start(tmp_path):
     require_root("control groups are created by a root server")
     gone = subprocess.Popen(["true"])
