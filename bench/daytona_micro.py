@@ -25,7 +25,7 @@ from rlm_mcp.config import Settings  # noqa: E402
 from rlm_mcp.sandbox import ContextFile, SandboxSpec  # noqa: E402
 from rlm_mcp.sandbox.daytona import DaytonaProvider  # noqa: E402
 from rlm_mcp.sandbox.local import LocalProvider  # noqa: E402
-from tests.daytona_emulator import DaytonaEmulator  # noqa: E402
+from rlm_mcp.testing.daytona_emulator import DaytonaEmulator  # noqa: E402
 
 
 async def echo(op: str, prompt: str, model: str | None) -> str:

@@ -2,7 +2,7 @@
 
     python bench/viewer_load.py [--iterations 1000 --subcalls 10000 --children 50] [--repeats 5] [--json]
 
-Writes a synthetic trajectory in the engine's format (``rlm_mcp.viewer.synthetic``: 1,000 root
+Writes a synthetic trajectory in the engine's format (``rlm_mcp.testing.synthetic``: 1,000 root
 iterations, 10,000 sub-calls, 50 child RLMs by default), builds the view-model, renders the static
 page and loads it from a file:// URL in Debian's chromium through Playwright (the same launch as
 the tests). Figures:
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from rlm_mcp.viewer import build_view, render_html, write_html
-from rlm_mcp.viewer.synthetic import write_run
+from rlm_mcp.testing.synthetic import write_run
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -13,7 +13,7 @@ import pytest
 
 from rlm_mcp.config import Settings
 from rlm_mcp.sandbox.daytona import DaytonaProvider
-from tests.daytona_emulator import DaytonaEmulator
+from rlm_mcp.testing.daytona_emulator import DaytonaEmulator
 
 EMULATOR_API_KEY = "test"
 

@@ -17,7 +17,7 @@ from rlm_mcp.config import Settings
 from rlm_mcp.errors import ConfigError, SandboxError
 from rlm_mcp.sandbox import ContextFile, SandboxSpec
 from rlm_mcp.sandbox.daytona import DaytonaProvider
-from tests.daytona_emulator import DaytonaEmulator
+from rlm_mcp.testing.daytona_emulator import DaytonaEmulator
 from tests.daytona_support import EMULATOR_API_KEY, emulator_settings
 
 SNAPSHOT = "rlm-mcp-sandbox"

@@ -16,7 +16,7 @@ from rlm_mcp.trajectory import TrajectoryWriter
 from rlm_mcp.viewer import (MCP_APP_MIME, VIEW_FORMAT, app_html, build_view, iter_nodes, render_html,
                             run_summaries, script_json, view_etag)
 from rlm_mcp.viewer.model import CAPS, FLOORS, cut
-from rlm_mcp.viewer.synthetic import write_run
+from rlm_mcp.testing.synthetic import write_run
 from tests.viewer.conftest import HOSTILE, iteration_record, metadata, tree_run
 
 MARKER = re.compile(r"\.\.\. \[\+([\d,]+) chars\]\Z")

@@ -6,7 +6,7 @@ record fields ``_Rlm._log_iteration`` and ``_cell_record`` write. Sizes are chos
 real runs: replies with prose and code, outputs of a few hundred to a few thousand characters,
 sub-call excerpts cut at 500 characters like the engine cuts them.
 
-    python -m rlm_mcp.viewer.synthetic DIR [--iterations 1000 --subcalls 10000 --children 50]
+    python -m rlm_mcp.testing.synthetic DIR [--iterations 1000 --subcalls 10000 --children 50]
 """
 
 from __future__ import annotations

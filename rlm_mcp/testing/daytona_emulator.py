@@ -23,7 +23,7 @@ directory, in its own process group. As in Daytona's daemon:
 Faults can be injected for tests (:class:`Faults`): failing or rate-limited operations, slow
 operations (past a client's timeout) and sessions that die when some input arrives.
 
-Run standalone: ``python tests/daytona_emulator.py --port 3986``, then point rlm-mcp at it with
+Run standalone: ``python -m rlm_mcp.testing.daytona_emulator --port 3986``, then point rlm-mcp at it with
 ``DAYTONA_API_URL=http://127.0.0.1:3986/api DAYTONA_API_KEY=test``.
 """
 
