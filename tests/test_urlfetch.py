@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from rlm_mcp import urlfetch
+from rlm_mcp.store import urlfetch
 from rlm_mcp.config import Settings
 from rlm_mcp.errors import ContextError
 from rlm_mcp.store import ContextStore

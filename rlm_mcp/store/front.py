@@ -39,10 +39,11 @@ from typing import Any, BinaryIO, Literal
 
 import pydantic
 
-from rlm_mcp import store_io, urlfetch
-from rlm_mcp.store_io import (ByteBudget, ContentWriter, Feed, binary_reason, iter_chars, pick_encoding,
+from rlm_mcp.store import io as store_io
+from rlm_mcp.store import urlfetch
+from rlm_mcp.store.io import (ByteBudget, ContentWriter, Feed, binary_reason, iter_chars, pick_encoding,
                               read_at_least, read_slice)
-from rlm_mcp.store_scan import DirectoryScan, inside_roots, skip_notes
+from rlm_mcp.store.scan import DirectoryScan, inside_roots, skip_notes
 from rlm_mcp.config import Settings
 from rlm_mcp.private import open_private, private_dir
 from rlm_mcp.processes import pid_alive
@@ -186,7 +187,7 @@ class ContextStore:
 
     async def load_url(self, url: str, *, name: str | None = None,
                        max_bytes: int | None = None) -> ContextInfo:
-        """Fetch an http(s) URL (see :mod:`rlm_mcp.urlfetch`) and store the body as text."""
+        """Fetch an http(s) URL (see :mod:`rlm_mcp.store.urlfetch`) and store the body as text."""
         limit = self._limit(max_bytes)
         shown = urlfetch.redact(url)
         writer = ContentWriter(self.root, "text")
