@@ -102,10 +102,10 @@ async def per_call_cpu(api_base: str, calls: int = 40) -> None:
 async def engine_runs(api_base: str, path: Path, runs: int, direct: bool) -> None:
     import openai
 
-    from rlm_mcp import models
+    from rlm_mcp.engine import models
     from rlm_mcp.config import Settings
     from rlm_mcp.engine import RlmEngine, RunRequest
-    from rlm_mcp.runs import shape_of
+    from rlm_mcp.engine.runs import shape_of
     from rlm_mcp.store import ContextStore
 
     original = models.ModelClient.complete

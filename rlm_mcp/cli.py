@@ -120,8 +120,8 @@ class _Progress:
 
 async def _run(settings: Settings, args: argparse.Namespace) -> int:
     from rlm_mcp.engine import RlmEngine, RunRequest
-    from rlm_mcp.prompts import ContextShape
-    from rlm_mcp.runs import shape_of
+    from rlm_mcp.engine.prompts import ContextShape
+    from rlm_mcp.engine.runs import shape_of
     from rlm_mcp.sandbox import ContextFile
     from rlm_mcp.store import ContextStore
 

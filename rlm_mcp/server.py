@@ -29,10 +29,10 @@ from rlm_mcp.config import Settings
 from rlm_mcp.engine import RlmEngine, RunEvent, RunRequest, RunResult
 from rlm_mcp.errors import ConfigError, RlmError, describe_os_error, quoted
 from rlm_mcp.private import private_dir, write_private_text
-from rlm_mcp.runs import Run, RunManager, shape_of
+from rlm_mcp.engine.runs import Run, RunManager, shape_of
 from rlm_mcp.sandbox import reap_leftovers
 from rlm_mcp.store import ContextInfo, ContextPage, ContextStore
-from rlm_mcp.trajectory import trajectory_page
+from rlm_mcp.engine.trajectory import trajectory_page
 
 log = logging.getLogger(__name__)
 

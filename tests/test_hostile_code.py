@@ -28,7 +28,7 @@ import pytest
 
 from rlm_mcp.config import Limits, Settings
 from rlm_mcp.engine import RlmEngine, RunRequest, RunResult
-from rlm_mcp.prompts import ContextShape
+from rlm_mcp.engine.prompts import ContextShape
 from rlm_mcp.sandbox import ContextFile
 from rlm_mcp.testing.model_server import ScriptedModelServer
 from tests.daytona_support import emulator_settings

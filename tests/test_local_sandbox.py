@@ -24,8 +24,8 @@ import pytest
 
 from rlm_mcp.config import Settings
 from rlm_mcp.errors import SandboxError
-from rlm_mcp.leftovers import owner_dir_name
-from rlm_mcp.processes import GroupLimits, GroupMaker
+from rlm_mcp.sandbox.leftovers import owner_dir_name
+from rlm_mcp.sandbox.processes import GroupLimits, GroupMaker
 from rlm_mcp.sandbox import ContextFile, SandboxSpec
 from rlm_mcp.sandbox.local import LocalProvider
 from tests.test_hostile_code import ATTACKS, Outcome, processes_with

@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 from mcp import Client
 
-from rlm_mcp import runs as runs_module
+from rlm_mcp.engine import runs as runs_module
 from rlm_mcp.config import Limits, Settings
 from rlm_mcp.engine import RunRequest
-from rlm_mcp.prompts import ContextShape
+from rlm_mcp.engine.prompts import ContextShape
 from rlm_mcp.sandbox import ContextFile
 from rlm_mcp.server import Services, build_server
 from rlm_mcp.testing.model_server import CHUNK_CHARS

@@ -46,7 +46,7 @@ from rlm_mcp.store.io import (ByteBudget, ContentWriter, Feed, binary_reason, it
 from rlm_mcp.store.scan import DirectoryScan, inside_roots, skip_notes
 from rlm_mcp.config import Settings
 from rlm_mcp.private import open_private, private_dir
-from rlm_mcp.processes import pid_alive
+from rlm_mcp.sandbox.processes import pid_alive
 from rlm_mcp.errors import ContextError, describe_os_error, quoted
 from rlm_mcp.sandbox.base import ContextFile
 

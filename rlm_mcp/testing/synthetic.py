@@ -1,6 +1,6 @@
 """Synthetic trajectories in the engine's exact format, for the viewer's tests and benchmark.
 
-Written through the engine's own :class:`~rlm_mcp.trajectory.TrajectoryWriter` (metadata line
+Written through the engine's own :class:`~rlm_mcp.engine.trajectory.TrajectoryWriter` (metadata line
 rewritten at the end, one line per iteration, child RLMs in ``<run_id>.<n>.jsonl``), with the
 record fields ``_Rlm._log_iteration`` and ``_cell_record`` write. Sizes are chosen to look like
 real runs: replies with prose and code, outputs of a few hundred to a few thousand characters,
@@ -17,7 +17,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from rlm_mcp.trajectory import TrajectoryWriter, excerpt
+from rlm_mcp.engine.trajectory import TrajectoryWriter, excerpt
 
 HOSTILE = '</script><script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
 WORDS = ("the context holds records of shipments ledger entries and notes; the secret code appears "

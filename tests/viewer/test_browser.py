@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from rlm_mcp.trajectory import TrajectoryWriter
+from rlm_mcp.engine.trajectory import TrajectoryWriter
 from rlm_mcp.viewer import app_html, build_view, export_run, render_html, view_etag
 from rlm_mcp.testing.synthetic import HOSTILE as SYNTHETIC_HOSTILE
 from rlm_mcp.testing.synthetic import write_run

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rlm_mcp.errors import ConfigError, RunNotFound
-from rlm_mcp.trajectory import TrajectoryWriter
+from rlm_mcp.engine.trajectory import TrajectoryWriter
 from rlm_mcp.viewer import (MCP_APP_MIME, VIEW_FORMAT, app_html, build_view, iter_nodes, render_html,
                             run_summaries, script_json, view_etag)
 from rlm_mcp.viewer.model import CAPS, FLOORS, cut

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from rlm_mcp.private import open_private, private_dir
-from rlm_mcp.processes import pid_alive
-from rlm_mcp.replies import prose
+from rlm_mcp.sandbox.processes import pid_alive
+from rlm_mcp.engine.replies import prose
 
 EXCERPT_CHARS = 1_000
 

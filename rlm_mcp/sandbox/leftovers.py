@@ -17,7 +17,7 @@ import socket
 import tempfile
 from pathlib import Path
 
-from rlm_mcp.processes import pid_alive
+from rlm_mcp.sandbox.processes import pid_alive
 
 log = logging.getLogger(__name__)
 

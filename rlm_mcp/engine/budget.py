@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from rlm_mcp.config import Limits
 from rlm_mcp.errors import LimitExceeded
-from rlm_mcp.models import Completion
+from rlm_mcp.engine.models import Completion
 
 
 class ModelUsage(BaseModel):
