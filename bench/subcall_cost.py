@@ -223,9 +223,17 @@ def _litellm() -> Any:
     return litellm
 
 
+def _priced(litellm: Any, model: str) -> bool:
+    try:
+        info = litellm.get_model_info(model)
+    except Exception:
+        return False
+    return bool(info.get("input_cost_per_token") or info.get("output_cost_per_token"))
+
+
 async def rlm_mcp_client(api_base: str, model: str, knobs: list[str]) -> Call:
     from rlm_mcp.config import Settings
-    from rlm_mcp.models import ModelClient
+    from rlm_mcp.engine.models import ModelClient
 
     client = ModelClient(Settings(api_base=api_base, api_key="sk-bench", model_retries=0, model_timeout_s=60))
 
@@ -241,6 +249,9 @@ async def litellm_client(api_base: str, model: str, knobs: list[str]) -> Call:
     context: contextvars.Context | None = None
     for knob in knobs:
         KNOBS[knob][1](litellm, kwargs, context, api_base)
+    if "register" in knobs and not _priced(litellm, model):
+        litellm.register_model({model: {"input_cost_per_token": 0.0, "output_cost_per_token": 0.0,
+                                        "litellm_provider": model.split("/", 1)[0], "mode": "chat"}})
 
     async def call(messages: list[dict[str, str]]) -> str:
         response = await litellm.acompletion(model=model, messages=messages, **kwargs)
@@ -303,7 +314,7 @@ async def aiohttp_client(api_base: str, model: str, knobs: list[str]) -> Call:
 
 
 VARIANTS: dict[str, tuple[str, Callable[[str, str, list[str]], Awaitable[Call]]]] = {
-    "rlm-mcp": ("rlm_mcp.models.ModelClient.complete as shipped (litellm inside)", rlm_mcp_client),
+    "rlm-mcp": ("rlm_mcp.engine.models.ModelClient.complete as shipped (litellm inside)", rlm_mcp_client),
     "litellm": ("raw litellm.acompletion(num_retries=0), defaults otherwise", litellm_client),
     "openai-sdk": ("openai.AsyncOpenAI, one client reused", openai_client),
     "httpx": ("httpx.AsyncClient POST + response.json(), one client reused", httpx_client),
@@ -340,6 +351,9 @@ KNOBS: dict[str, tuple[str, Callable[[Any, dict[str, Any], Any, str], None]]] = 
                  "(litellm then schedules no success logging); measures what that logging costs",
                  lambda litellm, kwargs, context, api_base: __import__(
                      "litellm._internal_context", fromlist=["is_internal_call"]).is_internal_call.set(True)),
+    "register": ("litellm.register_model() for a model its price map lacks (zero prices): its "
+                 "per-call lookup then hits at once instead of searching fallbacks",
+                 lambda litellm, kwargs, context, api_base: None),  # applied per model in litellm_client
     "price0": ("per-call kwargs input_cost_per_token=0, output_cost_per_token=0 (custom pricing)",
                lambda litellm, kwargs, context, api_base: kwargs.update(input_cost_per_token=0.0,
                                                                           output_cost_per_token=0.0)),
@@ -432,12 +446,16 @@ def section_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
                 cpu = [r["cpu_ms_per_call"] for r in runs]
                 wall = [r["wall_ms_per_call"] for r in runs]
                 stall = max(r["loop"]["max_stall_ms"] for r in runs)
+                step = max(r["steps"]["max_step_ms"] for r in runs)
+                gen2 = max(r["gc"]["gen2"]["max_ms"] for r in runs)
                 result = {"variant": variant, "model": model, "cpu_ms": statistics.median(cpu),
-                          "cpu_ms_all": cpu, "wall_ms": statistics.median(wall), "max_stall_ms": stall}
+                          "cpu_ms_all": cpu, "wall_ms": statistics.median(wall), "max_stall_ms": stall,
+                          "max_step_ms": step, "max_gen2_ms": gen2, "py_calls": runs[0]["py_calls_per_call"]}
                 results.append(result)
-                print(f"cpu  {variant:34} {model:22} CPU {result['cpu_ms']:5.2f} ms/call "
+                print(f"cpu  {variant:22} {model:20} CPU {result['cpu_ms']:5.2f} ms/call "
                       f"(runs {', '.join(f'{c:.2f}' for c in cpu)}), wall {result['wall_ms']:5.2f} ms/call, "
-                      f"loop stall max {stall:.1f} ms", flush=True)
+                      f"{result['py_calls']:.0f} Python calls/call, longest loop step {step:.1f} ms CPU, "
+                      f"longest full GC {gen2:.0f} ms", flush=True)
     return results
 
 
@@ -450,8 +468,8 @@ async def measure_engine(variant: str, api_base: str, documents: int) -> dict[st
     from bench.common import write_documents
     from rlm_mcp.config import Settings
     from rlm_mcp.engine import RlmEngine, RunRequest
-    from rlm_mcp.models import Completion, ModelClient
-    from rlm_mcp.runs import shape_of
+    from rlm_mcp.engine.models import Completion, ModelClient
+    from rlm_mcp.engine.runs import shape_of
     from rlm_mcp.store import ContextStore
     from rlm_mcp.testing.model_server import answer_subcall
 
@@ -482,7 +500,29 @@ async def measure_engine(variant: str, api_base: str, documents: int) -> dict[st
             return Completion(model, r.choices[0].message.content or "", r.usage.prompt_tokens,
                               r.usage.completion_tokens, None, time.perf_counter() - began)
 
-    clients = {"engine": ModelClient, "engine-null": NullClient, "engine-direct": DirectClient}
+    class AiohttpClient(ModelClient):
+        """Sub-calls as one aiohttp POST each on a reused session (an experiment: the wire's floor)."""
+
+        def __init__(self, settings: Settings) -> None:
+            super().__init__(settings)
+            self.session: Any = None
+
+        async def complete(self, model: str, messages: list[dict[str, str]]) -> Completion:
+            import aiohttp
+
+            if self.session is None:
+                self.session = aiohttp.ClientSession(headers={"Authorization": "Bearer sk-bench"})
+            began = time.perf_counter()
+            url = str(self.settings.api_base).rstrip("/") + "/chat/completions"
+            async with self.session.post(url, json={"model": model.split("/", 1)[1], "messages": messages}) as r:
+                r.raise_for_status()
+                body = await r.json()
+            usage = body.get("usage") or {}
+            return Completion(model, body["choices"][0]["message"]["content"] or "", int(usage.get("prompt_tokens", 0)),
+                              int(usage.get("completion_tokens", 0)), None, time.perf_counter() - began)
+
+    clients = {"engine": ModelClient, "engine-null": NullClient, "engine-direct": DirectClient,
+               "engine-aiohttp": AiohttpClient}
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(home=Path(tmp) / "home", model="openai/count", api_base=api_base, api_key="sk-bench")
         store = ContextStore(settings)
@@ -504,6 +544,9 @@ async def measure_engine(variant: str, api_base: str, documents: int) -> dict[st
                     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         finally:
             await engine.sandboxes.aclose()
+            session = getattr(engine.models, "session", None)
+            if session is not None:
+                await session.close()
     if result.answer != str(needles):
         raise RuntimeError(f"run answered {result.answer!r}, expected {needles}: {result.error}")
     return {"variant": variant, "subcalls": result.subcalls, "max_in_flight": result.max_subcalls_in_flight,
@@ -708,7 +751,8 @@ def main() -> None:
                         help="knobs section: litellm knobs to compare with --knob-baseline")
     parser.add_argument("--knob-baseline", default="litellm+gcfreeze")
     parser.add_argument("--documents", type=int, default=1000, help="engine section: documents (sub-calls)")
-    parser.add_argument("--engine-variants", default="engine,engine+gcfreeze,engine-direct,engine-null")
+    parser.add_argument("--engine-variants",
+                        default="engine,engine+gcfreeze,engine-direct+gcfreeze,engine-aiohttp+gcfreeze,engine-null")
     parser.add_argument("--json-mb", type=int, default=5)
     parser.add_argument("--json-variants", default="rlm-mcp,httpx")
     parser.add_argument("--server-in-process", action="store_true",
