@@ -39,12 +39,11 @@ import pstats
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -97,7 +96,7 @@ class LoopLagProbe:
             await asyncio.sleep(self.interval_s)
             self.lateness.append(max(0.0, clock() - due))
 
-    async def __aenter__(self) -> "LoopLagProbe":
+    async def __aenter__(self) -> Self:
         self._task = asyncio.create_task(self._run())
         await asyncio.sleep(0)  # let the probe take its first timestamp
         return self
@@ -130,7 +129,7 @@ class StepWatch:
         self.max_what = ""
         self._original: Any = None
 
-    def __enter__(self) -> "StepWatch":
+    def __enter__(self) -> Self:
         watch = self
         original = self._original = asyncio.events.Handle._run
         # This thread's CPU time, not wall time: on a shared machine a step can be descheduled
@@ -150,7 +149,7 @@ class StepWatch:
                     watch.max_ms = took
                     watch.max_what = repr(handle)[:160]
 
-        asyncio.events.Handle._run = _run  # type: ignore[method-assign]
+        asyncio.events.Handle._run = _run  # type: ignore[method-assign,assignment]
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -174,7 +173,7 @@ class GcWatch:
         else:
             self.pauses_ms[info["generation"]].append((time.perf_counter() - self._began) * 1000)
 
-    def __enter__(self) -> "GcWatch":
+    def __enter__(self) -> Self:
         gc.callbacks.append(self._callback)
         return self
 
@@ -194,13 +193,12 @@ def model_server(latency_ms: float = 0.0) -> Iterator[str]:
     """The scripted server in a process of its own (its CPU must not count as the client's)."""
     # The stdlib server listens with a backlog of 5: 32 clients connecting at once overflow it and
     # the kernel resets some connections (TcpExtListenOverflows). Raised here for this process only;
-    # model_server.py itself should set ``request_queue_size`` (see /tmp/perf-findings.md).
-    code = ("import sys, threading, http.server; sys.path.insert(0, %r)\n"
+    # model_server.py itself should set ``request_queue_size`` (proposed for issue 12's phase B).
+    code = (f"import sys, threading, http.server; sys.path.insert(0, {str(REPO)!r})\n"
             "http.server.ThreadingHTTPServer.request_queue_size = 256\n"
             "from rlm_mcp.testing.model_server import ScriptedModelServer\n"
-            "with ScriptedModelServer(%r) as s:\n"
-            "    print('scripted model server on', s.api_base, flush=True); threading.Event().wait()"
-            ) % (str(REPO), latency_ms / 1000)
+            f"with ScriptedModelServer({latency_ms / 1000!r}) as s:\n"
+            "    print('scripted model server on', s.api_base, flush=True); threading.Event().wait()")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -226,7 +224,7 @@ def _litellm() -> Any:
 def _priced(litellm: Any, model: str) -> bool:
     try:
         info = litellm.get_model_info(model)
-    except Exception:
+    except Exception:  # noqa: BLE001 (litellm raises a bare Exception for a model it does not know)
         return False
     return bool(info.get("input_cost_per_token") or info.get("output_cost_per_token"))
 
@@ -347,12 +345,12 @@ KNOBS: dict[str, tuple[str, Callable[[Any, dict[str, Any], Any, str], None]]] = 
     "httpx": ("litellm.disable_aiohttp_transport = True (httpx transport instead of aiohttp)",
               _set("disable_aiohttp_transport", True)),
     "notokens": ("litellm.disable_token_counter = True", _set("disable_token_counter", True)),
-    "internal": ("EXPERIMENT, private API: litellm._internal_context.is_internal_call set for the calls "
-                 "(litellm then schedules no success logging); measures what that logging costs",
+    "internal": (("EXPERIMENT, private API: litellm._internal_context.is_internal_call set for the calls "
+                  "(litellm then schedules no success logging); measures what that logging costs"),
                  lambda litellm, kwargs, context, api_base: __import__(
                      "litellm._internal_context", fromlist=["is_internal_call"]).is_internal_call.set(True)),
-    "register": ("litellm.register_model() for a model its price map lacks (zero prices): its "
-                 "per-call lookup then hits at once instead of searching fallbacks",
+    "register": (("litellm.register_model() for a model its price map lacks (zero prices): its "
+                  "per-call lookup then hits at once instead of searching fallbacks"),
                  lambda litellm, kwargs, context, api_base: None),  # applied per model in litellm_client
     "price0": ("per-call kwargs input_cost_per_token=0, output_cost_per_token=0 (custom pricing)",
                lambda litellm, kwargs, context, api_base: kwargs.update(input_cost_per_token=0.0,
@@ -426,7 +424,7 @@ async def measure_variant(variant: str, api_base: str, model: str, calls: int, c
 def run_child(args: list[str], timeout: float = 600) -> dict[str, Any]:
     """Run this module in a fresh process; its last stdout line is a JSON result."""
     done = subprocess.run([sys.executable, "-m", "bench.subcall_cost", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"child {args} failed: {done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -782,7 +780,8 @@ def main() -> None:
             done = subprocess.run([sys.executable, "-m", "bench.subcall_cost", "--child", args.profile,
                                    "--api-base", api_base, "--model", args.models[0], "--calls", str(args.calls),
                                    "--concurrency", str(args.concurrency), "--warmup", str(args.warmup),
-                                   "--profile-child"], cwd=REPO, capture_output=True, text=True, timeout=600)
+                                   "--profile-child"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                              check=False)
         print(done.stderr)
         print(done.stdout)
         return

@@ -9,7 +9,13 @@ from typing import TypeVar
 
 import pytest
 
-from rlm_mcp.engine.limiter import AdaptiveLimiter, ProviderLimiters, Slot, provider_key, retry_after_s
+from rlm_mcp.engine.limiter import (
+    AdaptiveLimiter,
+    ProviderLimiters,
+    Slot,
+    provider_key,
+    retry_after_s,
+)
 
 T = TypeVar("T")
 

@@ -70,7 +70,7 @@ class Slot:
     """One granted call. Report how it went with :meth:`succeeded` or :meth:`overloaded`;
     anything else (another error, cancellation) only gives the slot back."""
 
-    def __init__(self, limiter: "AdaptiveLimiter", epoch: int) -> None:
+    def __init__(self, limiter: AdaptiveLimiter, epoch: int) -> None:
         self._limiter = limiter
         self.epoch = epoch
         self._reported = False
