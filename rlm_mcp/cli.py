@@ -119,11 +119,9 @@ class _Progress:
 
 
 async def _run(settings: Settings, args: argparse.Namespace) -> int:
-    from rlm_mcp.engine import RlmEngine, RunRequest
-    from rlm_mcp.engine.prompts import ContextShape
-    from rlm_mcp.engine.runs import shape_of
+    from rlm_mcp.engine import ContextShape, RlmEngine, RunRequest, shape_of
     from rlm_mcp.sandbox import ContextFile
-    from rlm_mcp.store import ContextStore
+    from rlm_mcp.services import Services
 
     limits = settings.limits.with_overrides(**{name: getattr(args, name) for name in (
         "max_iterations", "max_depth", "cell_timeout_s", "timeout_s", "max_subcalls", "max_tokens",
@@ -133,7 +131,8 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
     # Check the model, sub-model and sandbox before copying a possibly huge input into the store.
     engine.prepare(RunRequest(query=args.question, context=ContextFile(None), shape=ContextShape("text", 0),
                               model=args.model, sub_model=args.sub_model, sandbox=args.sandbox, limits=limits))
-    store = ContextStore(settings)
+    services = Services.create(settings, engine)
+    store = services.store
     if args.context == "-":
         info = store.load_stream(sys.stdin.buffer, name="stdin", source="stdin")
     else:
@@ -145,7 +144,7 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
         result = await engine.run(request, on_event=progress)
     finally:
         progress.close()
-        await engine.sandboxes.aclose()
+        await services.aclose()
     if args.json:
         print(result.model_dump_json(indent=2))
     elif result.answer is not None:

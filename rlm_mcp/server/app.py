@@ -1,0 +1,94 @@
+"""Serving: one process, one set of services, stdio or an HTTP transport; what a dead server
+left behind is reaped and its runs settled while the new one starts."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from rlm_mcp.config import Settings
+from rlm_mcp.errors import RlmError
+from rlm_mcp.sandbox import reap_leftovers
+from rlm_mcp.server.http import (
+    OnShutdown,
+    announce,
+    forget_generated_token,
+    http_app,
+    http_auth,
+)
+from rlm_mcp.server.tools import build_server
+from rlm_mcp.services import Services
+
+log = logging.getLogger(__name__)
+
+
+def serve(settings: Settings, transport: str = "stdio", host: str = "127.0.0.1", port: int = 8765) -> None:
+    """Run the server until it is stopped; runs and sandboxes are cleaned up on the way out."""
+    # The token rule first: a refused bind must not leave anything behind.
+    auth = None if transport == "stdio" else http_auth(settings, host, port)
+    services = Services.create(settings)
+    server = build_server(services)
+    closed = asyncio.Event()
+
+    async def close() -> None:
+        if not closed.is_set():
+            closed.set()
+            await services.aclose()
+            if auth is not None:
+                forget_generated_token(auth)
+
+    app = None if auth is None else OnShutdown(http_app(server, transport, host, auth), close)
+
+    async def main() -> None:
+        # What servers that died left behind (containers, temporary directories), off the loop.
+        reaper = asyncio.create_task(reap_leftovers(settings))
+        # Runs a killed server left "running" become failed in their files too (in a thread:
+        # one line read per trajectory; the tools settle any run they touch in the meantime).
+        settling = asyncio.create_task(_settle_stopped_runs(services))
+        warm_up = None
+        # Docker with a warm pool fills it; local decides its isolation now, so that a missing
+        # wall (no bubblewrap, no control groups) is logged when the server starts.
+        if settings.docker_pool_size > 0 or settings.sandbox == "local":
+            warm_up = asyncio.create_task(_warm_up(services))
+        try:
+            if app is None:
+                await server.run_stdio_async()
+            else:
+                import uvicorn
+
+                assert auth is not None
+                # Printed, not logged: the operator needs it whatever RLM_MCP_LOG_LEVEL says.
+                sys.stderr.write(announce(transport, host, port, auth))
+                sys.stderr.flush()
+                # log_config=None: uvicorn logs through our stderr handler (its default puts the
+                # access log on stdout, which belongs to the protocol on stdio).
+                config = uvicorn.Config(app, host=host, port=port, log_level=settings.log_level.lower(),
+                                        lifespan="on", log_config=None)
+                await uvicorn.Server(config).serve()
+        finally:
+            reaper.cancel()
+            settling.cancel()
+            if warm_up is not None:
+                warm_up.cancel()
+            await close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        if auth is not None:  # e.g. the port was taken: uvicorn exits before any lifespan
+            forget_generated_token(auth)
+
+
+async def _settle_stopped_runs(services: Services) -> None:
+    try:
+        await asyncio.to_thread(services.runs.settle_all)
+    except OSError as exc:  # an unreadable data dir shows up again, clearly, when a tool uses it
+        log.warning("could not check the trajectories of earlier runs: %s", exc)
+
+
+async def _warm_up(services: Services) -> None:
+    try:
+        await services.engine.sandboxes.warm_up()
+    except RlmError as exc:  # the first run will report it to the host model
+        log.warning("sandbox warm-up failed: %s", exc)

@@ -1,0 +1,302 @@
+"""Tool, resource and prompt registration. Tools stay thin and delegate to the services (context
+store, run manager, trajectory view)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import traceback
+from typing import Annotated, Any, Literal
+
+from mcp.server import MCPServer
+from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp_types import CallToolResult, ToolAnnotations
+from pydantic import Field
+
+from rlm_mcp import __version__
+from rlm_mcp.engine import Run, RunEvent, RunRequest
+from rlm_mcp.engine.trajectory import trajectory_page
+from rlm_mcp.errors import ConfigError, RlmError, describe_os_error, quoted
+from rlm_mcp.server.results import (
+    ERROR_CHARS,
+    CompleteResult,
+    ContextList,
+    TrajectoryPage,
+    bounded,
+    complete_result,
+    complete_summary,
+    context_summary,
+    finished,
+    reply,
+)
+from rlm_mcp.services import INLINE_CONTEXT_CHARS, Services
+from rlm_mcp.store import ContextInfo, ContextPage
+
+log = logging.getLogger(__name__)
+
+ANSWER_META = {"anthropic/maxResultSizeChars": 500_000}
+
+INSTRUCTIONS = """\
+rlm-mcp answers questions over inputs far larger than your context window. Load the input \
+server-side with rlm_load_context (a path, URL or text: the content never passes through you), \
+then call rlm_complete with the handle and your question. A run can take minutes: if \
+rlm_complete returns status "running", call rlm_get_result with its run_id. \
+rlm_get_trajectory shows how an answer was reached."""
+
+
+def build_server(services: Services) -> MCPServer:
+    """The MCP server with every tool, resource and prompt registered.
+
+    ``services`` outlive MCP sessions (a run started over one HTTP session can be polled from
+    another); whoever created them closes them when the process stops serving.
+    """
+
+    def svc() -> Services:
+        return services
+
+    server = MCPServer("rlm-mcp", version=__version__, instructions=INSTRUCTIONS)
+
+    def guarded(fn: Any) -> Any:
+        """Every failure as a tool error whose message the host model reads and can act on.
+        Anything else would reach the model as a bare "Error executing tool X" (the SDK hides
+        unexpected exceptions) with the cause only in the server log."""
+        @functools.wraps(fn)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await fn(*args, **kwargs)
+            except RlmError as exc:
+                message = str(exc)
+            except OSError as exc:  # the server's own files: a full disk, permissions, ...
+                message = describe_os_error(exc, fn.__name__, services.settings.home)
+                log.warning("%s: %s", fn.__name__, message)
+            except Exception as exc:
+                log.error("%s crashed: %s\n%s", fn.__name__, quoted(repr(exc), ERROR_CHARS),
+                          "".join(traceback.format_tb(exc.__traceback__)))  # frames; no input in them
+                message = (f"{fn.__name__} failed on an internal error ({type(exc).__name__}): retry; if it "
+                           "happens again, report it with the server log, which has the details")
+            raise ToolError(bounded(message)) from None
+        return wrapper
+
+    read_only = ToolAnnotations(read_only_hint=True, open_world_hint=False)
+
+    @server.tool(title="Load a large input as a context handle",
+                 annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False,
+                                             idempotent_hint=True, open_world_hint=True))
+    @guarded
+    async def rlm_load_context(
+        path: Annotated[str | None, Field(description="a file or directory on the server's machine")] = None,
+        url: Annotated[str | None, Field(description="an http(s) URL to download server-side")] = None,
+        text: Annotated[str | None, Field(description="the content itself (small inputs only)")] = None,
+        name: Annotated[str | None, Field(description="a label for the context")] = None,
+        include: Annotated[list[str] | None, Field(description="globs of files to keep from a directory, e.g. ['*.py']")] = None,
+        exclude: Annotated[list[str] | None, Field(description="globs of files to skip from a directory")] = None,
+        max_bytes: Annotated[int | None, Field(description="refuse inputs larger than this many bytes", gt=0)] = None,
+    ) -> Annotated[CallToolResult, ContextInfo]:
+        """Load a file, a directory (as a list of documents), a URL or text on the server and
+        return a handle for rlm_complete. The content stays on the server; you get its size,
+        a short preview and what was skipped."""
+        given = [n for n, v in (("path", path), ("url", url), ("text", text)) if v is not None]
+        if len(given) != 1:
+            raise ConfigError("give exactly one of path, url or text" + (f" (got {', '.join(given)})" if given else ""))
+        store = svc().store
+        if path is not None:
+            info = await asyncio.to_thread(store.load_path, path, name=name, include=include,
+                                           exclude=exclude, max_bytes=max_bytes)
+        elif url is not None:
+            info = await store.load_url(url, name=name, max_bytes=max_bytes)
+        else:
+            info = await asyncio.to_thread(store.load_text, text or "", name=name)
+        return reply(info, context_summary(info))
+
+    @server.tool(title="List loaded contexts", annotations=read_only)
+    @guarded
+    async def rlm_list_contexts() -> Annotated[CallToolResult, ContextList]:
+        """List the contexts stored on the server, newest first."""
+        contexts = await asyncio.to_thread(svc().store.list)
+        lines = [f"{c.handle}  {c.kind:9} {c.characters:>14,} chars  {c.name}" for c in contexts]
+        summary = f"{len(contexts)} contexts" + (":\n" + "\n".join(lines) if lines else ". Load one with rlm_load_context.")
+        return reply(ContextList(contexts=contexts), summary)
+
+    @server.tool(title="Delete a context",
+                 annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=False, open_world_hint=False))
+    @guarded
+    async def rlm_delete_context(
+        handle: Annotated[str, Field(description="the handle from rlm_load_context")],
+    ) -> Annotated[CallToolResult, ContextInfo]:
+        """Delete a stored context and free its disk space."""
+        info = await asyncio.to_thread(svc().store.delete, handle)
+        return reply(info, f"Deleted context {info.handle} ({info.name}).")
+
+    @server.tool(title="Read a slice of a context", annotations=read_only)
+    @guarded
+    async def rlm_peek_context(
+        handle: Annotated[str, Field(description="the handle from rlm_load_context")],
+        start: Annotated[int, Field(description="character offset to start at", ge=0)] = 0,
+        length: Annotated[int, Field(description="characters to return (at most 20000)", gt=0)] = 2000,
+        document: Annotated[int | None, Field(description="for document lists: read this document only", ge=0)] = None,
+    ) -> Annotated[CallToolResult, ContextPage]:
+        """Read a bounded slice of a context (for a quick look; use rlm_complete for questions)."""
+        page = await asyncio.to_thread(svc().store.peek, handle, start, length, document)
+        more = f"\n[continue with start={page.next_start}]" if page.next_start is not None else "\n[end of context]"
+        return reply(page, f"{handle} [{page.start:,}:{page.end:,} of {page.total:,}]\n{page.text}{more}")
+
+    @server.tool(title="Answer a question over a context with an RLM",
+                 annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False,
+                                             idempotent_hint=False, open_world_hint=True),
+                 meta=ANSWER_META)
+    @guarded
+    async def rlm_complete(
+        ctx: Context,
+        query: Annotated[str, Field(description="the question or task")],
+        handle: Annotated[str | None, Field(description="a context handle from rlm_load_context")] = None,
+        handles: Annotated[list[str] | None, Field(description="several handles, treated as one list of documents")] = None,
+        context: Annotated[str | None, Field(description=f"small inline context text (at most {INLINE_CONTEXT_CHARS:,} characters)")] = None,
+        model: Annotated[str | None, Field(description="litellm model string for the root model")] = None,
+        sub_model: Annotated[str | None, Field(description="model for llm_query sub-calls")] = None,
+        sandbox: Annotated[Literal["local", "docker", "daytona"] | None, Field(description="where the REPL runs")] = None,
+        max_iterations: Annotated[int | None, Field(description="root-model turns (default 30)")] = None,
+        max_depth: Annotated[int | None, Field(description="1: no child RLMs; 2: rlm_query starts child RLMs")] = None,
+        timeout_s: Annotated[float | None, Field(description="wall-clock limit for the run, seconds")] = None,
+        cell_timeout_s: Annotated[float | None, Field(description="time limit per REPL code block, seconds (default 300, never more than timeout_s)")] = None,
+        max_cost_usd: Annotated[float | None, Field(description="spending limit over the whole run, USD")] = None,
+        wait_s: Annotated[float, Field(description="seconds to wait before returning status 'running' (0-300)", ge=0, le=300)] = 50,
+    ) -> Annotated[CallToolResult, CompleteResult]:
+        """Answer `query` over a large context with a Recursive Language Model: a root model
+        explores the context in a sandboxed Python REPL and calls sub-models on pieces of it.
+        Runs longer than wait_s keep going: poll rlm_get_result(run_id)."""
+        services = svc()
+        request = RunRequest(query=query, model=model, sub_model=sub_model, sandbox=sandbox,
+                             limits=services.settings.limits.with_overrides(
+                                 max_iterations=max_iterations, max_depth=max_depth,
+                                 timeout_s=timeout_s, cell_timeout_s=cell_timeout_s,
+                                 max_cost_usd=max_cost_usd),
+                             **await asyncio.to_thread(services.context_for, handle, handles, context))
+        stored = handle if handle is not None else (handles[0] if handles and len(handles) == 1 else None)
+        # A stored handle is checked against its sha256 as the run starts; fresh content (inline,
+        # combined just now) was hashed moments ago.
+        check = functools.partial(services.store.verify, stored) if stored is not None else None
+        run = services.runs.start(request, check=check)
+        try:
+            run = await _wait_with_progress(services, run, ctx, wait_s)
+        except asyncio.CancelledError:
+            await services.runs.cancel(run.run_id)
+            raise
+        result = complete_result(run)
+        return reply(result, complete_summary(result), ANSWER_META)
+
+    @server.tool(title="Get (or wait for) a run's result", annotations=read_only, meta=ANSWER_META)
+    @guarded
+    async def rlm_get_result(
+        ctx: Context,
+        run_id: Annotated[str, Field(description="the run_id from rlm_complete")],
+        wait_s: Annotated[float, Field(description="seconds to wait for it to finish (0-300)", ge=0, le=300)] = 50,
+    ) -> Annotated[CallToolResult, CompleteResult]:
+        """The result of a run started by rlm_complete, waiting up to wait_s if it is still running."""
+        services = svc()
+        run = services.runs.runs.get(run_id)
+        if run is None:
+            result = finished(await asyncio.to_thread(services.stored_result, run_id))
+            return reply(result, complete_summary(result), ANSWER_META)
+        result = complete_result(await _wait_with_progress(services, run, ctx, wait_s))
+        return reply(result, complete_summary(result), ANSWER_META)
+
+    @server.tool(title="Cancel a run", annotations=ToolAnnotations(destructive_hint=True, open_world_hint=False))
+    @guarded
+    async def rlm_cancel(run_id: Annotated[str, Field(description="the run_id from rlm_complete")]) -> Annotated[CallToolResult, CompleteResult]:
+        """Stop a running run and its sandboxes; returns its final state."""
+        services = svc()
+        if run_id in services.runs.runs:
+            result = complete_result(await services.runs.cancel(run_id))
+        else:  # finished before a restart, or left behind by a server that stopped: nothing to stop
+            result = finished(await asyncio.to_thread(services.stored_result, run_id))
+        return reply(result, complete_summary(result))
+
+    @server.tool(title="Inspect how a run reached its answer", annotations=read_only)
+    @guarded
+    async def rlm_get_trajectory(
+        run_id: Annotated[str, Field(description="the run_id from rlm_complete")],
+        offset: Annotated[int, Field(description="first iteration to show (0-based)", ge=0)] = 0,
+        limit: Annotated[int, Field(description="iterations per page (1-20)", ge=1, le=20)] = 5,
+        detail: Annotated[Literal["summary", "full"], Field(description="summary: short excerpts; full: longer code and output")] = "summary",
+    ) -> Annotated[CallToolResult, TrajectoryPage]:
+        """A page of a run's trajectory: per iteration the model's reasoning, code, output,
+        sub-call counts and usage, plus where the full JSONL file is."""
+        services = svc()
+        path = await asyncio.to_thread(services.runs.trajectory, run_id)
+        if path is None:
+            if run_id in services.runs.runs:
+                raise ConfigError(f"run {run_id} has not written its first iteration yet (it is queued or "
+                                  "starting): call rlm_get_trajectory again shortly")
+            raise ConfigError(f"no trajectory for run_id {run_id!r}: use a run_id returned by rlm_complete")
+        page = TrajectoryPage(**await asyncio.to_thread(trajectory_page, path, offset, limit, detail))
+        more = f" Next page: offset={page.next_offset}." if page.next_offset is not None else ""
+        lines = [f"Run {page.run_id} ({page.status}), iterations {page.offset + 1}-{page.offset + len(page.iterations)} "
+                 f"of {page.total_iterations}.{more} Full log: {page.path}"]
+        for item in page.iterations:  # one line each: the details are in the structured content
+            reasoning = " ".join(str(item.get("reasoning") or "").split())[:160]
+            lines.append(f"- iteration {item.get('iteration')}: {len(item.get('code_blocks') or [])} code blocks, "
+                         f"{item.get('subcalls')} sub-calls" + (f"; {reasoning}" if reasoning else "")
+                         + ("; FINAL ANSWER" if item.get("final_answer") is not None else ""))
+        return reply(page, "\n".join(lines))
+
+    @server.resource("rlm://contexts/{handle}", name="context", mime_type="application/json",
+                     description="A stored context's metadata and preview")
+    def context_resource(handle: str) -> str:
+        return svc().store.get(handle).model_dump_json(indent=2)
+
+    @server.resource("rlm://trajectories/{run_id}", name="trajectory", mime_type="application/jsonl",
+                     description="A run's full trajectory (JSON lines, reference RLM logger format)")
+    def trajectory_resource(run_id: str) -> str:
+        path = svc().runs.trajectory(run_id)
+        if path is None:
+            raise ValueError(f"no trajectory for run_id {run_id!r}")
+        return path.read_text(encoding="utf-8")
+
+    @server.prompt(name="analyze_large_file", title="Analyse a large file with an RLM")
+    def analyze_large_file(path: str, question: str) -> str:
+        """Load a large file or directory server-side and answer a question about it."""
+        return (f"Use the rlm-mcp tools to answer a question about {path} without reading it yourself.\n"
+                f"1. Call rlm_load_context with path={path!r}.\n"
+                f"2. Call rlm_complete with the returned handle and the query: {question}\n"
+                "3. If the status is 'running', call rlm_get_result with the run_id until it finishes.\n"
+                "4. Report the answer; if it looks doubtful, inspect rlm_get_trajectory.")
+
+    return server
+
+
+async def _wait_with_progress(services: Services, run: Run, ctx: Context, wait_s: float) -> Run:
+    """Wait up to wait_s for a run, relaying its progress to this tool call meanwhile."""
+    progress = _ProgressForwarder(ctx)
+    run.listeners.append(progress)
+    try:
+        return await services.runs.wait(run.run_id, wait_s)
+    finally:
+        with contextlib.suppress(ValueError):
+            run.listeners.remove(progress)
+        await progress.drain()
+
+
+class _ProgressForwarder:
+    """Turns engine events into MCP progress notifications for one tool call."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.count = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def __call__(self, event: RunEvent) -> None:
+        self.count += 1
+        task = asyncio.get_running_loop().create_task(self._send(self.count, event.message))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _send(self, progress: int, message: str) -> None:
+        with contextlib.suppress(Exception):  # a client gone away must not break the run
+            await self.ctx.report_progress(progress, None, message)
+
+    async def drain(self) -> None:
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=5)
