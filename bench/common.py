@@ -32,6 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 FILLER = "lorem ipsum dolor sit amet, consectetur adipiscing elit. "
 CGROUP_DOCKER = Path("/sys/fs/cgroup/memory/docker")
 
+# How a row's sandbox peak was taken (the report names the method per row).
+MEM_LOCAL = "worker VmHWM (/proc poll)"
+MEM_DOCKER = "container max_usage (cgroup)"
+MEM_INPROC = "in the process (local REPL)"
+
 
 # ----- test data ---------------------------------------------------------------------------------
 
@@ -132,7 +137,7 @@ class ProcessTreeWatch:
         self._thread = threading.Thread(target=self._run, daemon=True, name="proc-watch")
         self._matches: dict[int, bool] = {}  # pid -> worker
 
-    def __enter__(self) -> "ProcessTreeWatch":
+    def __enter__(self) -> ProcessTreeWatch:
         self._thread.start()
         return self
 
@@ -179,7 +184,7 @@ class DockerMemoryWatch:
         self._client: Any = None
         self.available = CGROUP_DOCKER.is_dir()
 
-    def __enter__(self) -> "DockerMemoryWatch":
+    def __enter__(self) -> DockerMemoryWatch:
         if self.available:
             import docker
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from rlm_mcp.config import Settings
-from rlm_mcp.sandbox.base import ContextFile, SandboxSpec
+from rlm_mcp.sandbox import ContextFile, SandboxSpec
 from rlm_mcp.sandbox.docker import DockerProvider
 
 TARGETS = {"cold_start_s": 0.6, "warm_take_s": 0.050, "per_cell_s": 0.010}
@@ -98,7 +98,8 @@ def main() -> None:
         return
     for name, value in results.items():
         target = TARGETS.get(name)
-        verdict = "" if target is None else (" (target <= %.0f ms: %s)" % (target * 1000, "ok" if value <= target else "MISSED"))
+        verdict = ("" if target is None
+                   else f" (target <= {target * 1000:.0f} ms: {'ok' if value <= target else 'MISSED'})")
         print(f"{name:24} {value * 1000:9.2f} ms{verdict}")
 
 

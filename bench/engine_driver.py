@@ -36,8 +36,7 @@ def trajectory_bytes(path: str | None, run_id: str) -> int:
 
 async def run(spec: dict) -> None:
     from rlm_mcp.config import Settings
-    from rlm_mcp.engine import RlmEngine, RunRequest
-    from rlm_mcp.engine.runs import shape_of
+    from rlm_mcp.engine import RlmEngine, RunRequest, shape_of
     from rlm_mcp.store import ContextStore
 
     settings = Settings.from_env({**os.environ, "RLM_MCP_HOME": spec["home"], "RLM_MCP_MODEL": spec["model"],

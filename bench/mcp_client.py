@@ -56,7 +56,7 @@ class McpServer:
         self.start_s: float | None = None
 
     @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator["McpServer"]:
+    async def running(self) -> AsyncIterator[McpServer]:
         from mcp import Client, StdioServerParameters
 
         before = set(children(os.getpid()))

@@ -37,11 +37,12 @@ PIECE = "Find the secret code in the text below. Reply with only the code, or NO
 
 @contextlib.contextmanager
 def model_server(latency_ms: float):
-    proc = subprocess.Popen([sys.executable, "-c", (
-        "import sys, threading; sys.path.insert(0, %r)\n"
-        "from rlm_mcp.testing.model_server import ScriptedModelServer\n"
-        "with ScriptedModelServer(%r) as s:\n    print(s.api_base, flush=True); threading.Event().wait()")
-        % (str(Path(__file__).resolve().parents[1]), latency_ms / 1000)], stdout=subprocess.PIPE, text=True)
+    repo = str(Path(__file__).resolve().parents[1])
+    code = (f"import sys, threading; sys.path.insert(0, {repo!r})\n"
+            "from rlm_mcp.testing.model_server import ScriptedModelServer\n"
+            f"with ScriptedModelServer({latency_ms / 1000!r}) as s:\n"
+            "    print(s.api_base, flush=True); threading.Event().wait()")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         yield proc.stdout.readline().strip()
@@ -71,7 +72,8 @@ async def sandbox_alone(path: Path) -> None:
         host_cpu = time.process_time() - cpu
         result = await sandbox.execute("print(len(prompts))", timeout=30)
     n = int(result.stdout.strip())
-    print(f"1. local sandbox: start with context {started - began:.2f} s; building {n} prompts {built - started:.2f} s; "
+    print(f"1. local sandbox: start with context {started - began:.2f} s; building {n} prompts "
+          f"{built - started:.2f} s; "
           f"llm_query_batched with an instant handler {done - built:.2f} s = {(done - built) / n * 1000:.1f} ms per "
           f"sub-call (host CPU {host_cpu / n * 1000:.1f} ms per sub-call)")
 
@@ -102,10 +104,8 @@ async def per_call_cpu(api_base: str, calls: int = 40) -> None:
 async def engine_runs(api_base: str, path: Path, runs: int, direct: bool) -> None:
     import openai
 
-    from rlm_mcp.engine import models
     from rlm_mcp.config import Settings
-    from rlm_mcp.engine import RlmEngine, RunRequest
-    from rlm_mcp.engine.runs import shape_of
+    from rlm_mcp.engine import RlmEngine, RunRequest, models, shape_of
     from rlm_mcp.store import ContextStore
 
     original = models.ModelClient.complete
