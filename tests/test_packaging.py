@@ -27,7 +27,7 @@ from mcp.client.stdio import stdio_client
 
 from rlm_mcp import __version__
 from tests.conftest import haystack
-from tests.test_transports import REPO, TOOLS
+from tests.server.test_transports import REPO, TOOLS
 
 pytestmark = pytest.mark.packaging
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install Node 22 and a pinned Claude Code CLI (npm @anthropic-ai/claude-code) into a cache
-# directory inside the repo, for tests/test_claude_code.py and for trying rlm-mcp in Claude Code
+# directory inside the repo, for tests/server/test_claude_code.py and for trying rlm-mcp in Claude Code
 # by hand. Also installs strace (Debian package) when it is missing and apt-get is usable: the
 # test uses it to prove that no connection leaves 127.0.0.1.
 #

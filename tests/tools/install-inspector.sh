@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install Node 22 (from the npm package node-<os>-<arch>@22) and the MCP Inspector into a cache
-# directory inside the repo, for tests/test_inspector.py and for trying rlm-mcp by hand.
+# directory inside the repo, for tests/server/test_inspector.py and for trying rlm-mcp by hand.
 #
 #   tests/tools/install-inspector.sh          # prints two lines: the node binary, the inspector entry
 #   "$node" "$inspector" --cli -e RLM_MCP_MODEL=... rlm-mcp --method tools/list

@@ -24,7 +24,7 @@ from rlm_mcp.sandbox.docker import (LABEL, LABEL_VALUE, OWNER_LABEL, DockerProvi
                                     reap_leftovers)
 from rlm_mcp.testing.model_server import ScriptedModelServer
 from tests.docker_support import IMAGE, ProviderFactory, docker_settings
-from tests.test_transports import INITIALIZE, REPO, RLM_MCP, RawStdio, server_env
+from tests.server.test_transports import INITIALIZE, REPO, RLM_MCP, RawStdio, server_env
 
 # Fixtures (docker_engine, docker_provider, make_docker_provider, docker_over_tcp) come from
 # tests/docker_support.py, registered in conftest.py's pytest_plugins.
@@ -486,7 +486,7 @@ async def test_containers_of_a_crashed_server_exit_and_are_reaped_by_the_next_pr
         docker_engine: docker.DockerClient, tmp_path: Path) -> None:
     crashed = await asyncio.create_subprocess_exec(
         sys.executable, "-c", CRASHING_SERVER, str(tmp_path / "crashed-home"),
-        cwd=Path(__file__).resolve().parents[1], stdout=asyncio.subprocess.PIPE)
+        cwd=Path(__file__).resolve().parents[2], stdout=asyncio.subprocess.PIPE)
     out, _ = await asyncio.wait_for(crashed.communicate(), 120)
     ids = out.decode().split()
     assert crashed.returncode == 0 and len(ids) == 2, out

@@ -1,6 +1,6 @@
 """The local backend's walls: bubblewrap isolation (RLM_MCP_LOCAL_ISOLATION), no capabilities and
 an unprivileged uid whatever the server's uid, bounded stderr, and what a host that cannot
-enforce a limit says about it. The attacks themselves live in tests/test_hostile_code.py; here
+enforce a limit says about it. The attacks themselves live in tests/sandbox/test_hostile_code.py; here
 they also run from a non-root server."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from rlm_mcp.sandbox.leftovers import owner_dir_name
 from rlm_mcp.sandbox.processes import GroupLimits, GroupMaker
 from rlm_mcp.sandbox import ContextFile, SandboxSpec
 from rlm_mcp.sandbox.local import LocalProvider
-from tests.test_hostile_code import ATTACKS, Outcome, processes_with
+from tests.sandbox.test_hostile_code import ATTACKS, Outcome, processes_with
 
 UNPRIVILEGED_UID = 4242  # the non-root server of these tests (no passwd entry needed)
 CI = os.environ.get("CI", "").strip().lower() in ("true", "1")
@@ -305,7 +305,7 @@ def test_a_non_root_server_runs_sandboxes_without_capabilities_that_cannot_escap
     python = unprivileged_python(UNPRIVILEGED_UID)
     # The package, copied where that user can read it (the checkout may be under /root).
     code_dir = host_dir / "code"
-    shutil.copytree(Path(__file__).parents[1] / "rlm_mcp", code_dir / "rlm_mcp",
+    shutil.copytree(Path(__file__).parents[2] / "rlm_mcp", code_dir / "rlm_mcp",
                     ignore=shutil.ignore_patterns("__pycache__", "viewer"))
     home = host_dir / "home"
     home.mkdir()

@@ -21,7 +21,7 @@ from rlm_mcp.errors import ContextError
 from rlm_mcp.sandbox.worker import PendingCalls, Repl
 from rlm_mcp.store import ContextStore
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make_store(tmp_path: Path, **overrides: object) -> ContextStore:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import haystack
-from tests.test_transports import REPO, RLM_MCP, TOKEN, TOOLS, free_port, server_env
+from tests.server.test_transports import REPO, RLM_MCP, TOKEN, TOOLS, free_port, server_env
 
 pytestmark = pytest.mark.inspector
 
@@ -118,7 +118,7 @@ def test_inspector_drives_load_complete_and_trajectory_across_server_restarts(ru
 
 
 def test_inspector_over_streamable_http_with_the_bearer_token(run_inspector, model_server, tmp_path):
-    from tests.test_transports import Served
+    from tests.server.test_transports import Served
 
     port = free_port()
     served = Served(["--transport", "http", "--port", str(port)],

@@ -48,7 +48,7 @@ EMULATOR = "the Daytona emulator runs commands as plain host processes of the te
 @dataclass
 class Outcome:
     backend: str
-    result: RunResult | None  # None when the attack ran on a sandbox directly (tests/test_local_sandbox.py)
+    result: RunResult | None  # None when the attack ran on a sandbox directly (tests/sandbox/test_local_sandbox.py)
     seen: str  # the message the root model got after the attack cell
     trajectory_bytes: int
     nonce: str
@@ -161,7 +161,7 @@ CHANNEL_FD = """
 
 def channel_abuse_kills_the_worker(cause: str) -> Callable[[Outcome], None]:
     """The host killed the worker, said why, and kept what reached the prompt small (server
-    memory under the same attack: tests/test_sandbox_contract.py measures it)."""
+    memory under the same attack: tests/sandbox/test_sandbox_contract.py measures it)."""
     def check(outcome: Outcome) -> None:
         assert "The host killed the REPL worker" in outcome.seen and cause in outcome.seen, outcome.seen[:2000]
         assert len(outcome.seen) < 30_000, f"{len(outcome.seen):,} characters reached the root prompt"

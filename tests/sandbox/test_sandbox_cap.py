@@ -14,7 +14,7 @@ from rlm_mcp.engine import RlmEngine
 from rlm_mcp.errors import SandboxError
 from rlm_mcp.sandbox import CellResult, Sandbox, SandboxSlots, SandboxSpec
 from rlm_mcp.sandbox.fake import FakeProvider, FakeSandbox
-from tests.test_engine import text_request
+from tests.engine.test_engine import text_request
 
 BATCH = 8  # child RLMs each RLM starts at once, like rlm_query_batched over 8 chunks
 

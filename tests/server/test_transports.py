@@ -38,7 +38,7 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 from rlm_mcp.testing.model_server import CHUNK_CHARS, ScriptedModelServer, secret_needle
 from tests.conftest import haystack
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TOOLS = {"rlm_load_context", "rlm_list_contexts", "rlm_delete_context", "rlm_peek_context",
          "rlm_complete", "rlm_get_result", "rlm_cancel", "rlm_get_trajectory"}
 QUESTION = "What is the secret code?"

@@ -30,7 +30,7 @@ from mcp.client.stdio import stdio_client
 from rlm_mcp.testing.anthropic_server import ANSWER_PREFIX, HostAgent, ScriptedAnthropicServer, conversation
 from rlm_mcp.testing.model_server import ScriptedModelServer, secret_needle
 from tests.conftest import haystack
-from tests.test_transports import REPO, RLM_MCP, TOOLS, server_env
+from tests.server.test_transports import REPO, RLM_MCP, TOOLS, server_env
 
 pytestmark = pytest.mark.claude_code
 

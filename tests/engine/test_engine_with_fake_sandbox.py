@@ -8,7 +8,7 @@ from pathlib import Path
 from rlm_mcp.engine import RlmEngine
 from rlm_mcp.sandbox import CellResult, SandboxSpec
 from rlm_mcp.sandbox.fake import FakeProvider
-from tests.test_engine import repl, sent_user_messages, text_request
+from tests.engine.test_engine import repl, sent_user_messages, text_request
 
 
 def engine_with(settings, provider: FakeProvider) -> RlmEngine:
