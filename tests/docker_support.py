@@ -25,8 +25,7 @@ import pytest_asyncio
 
 from rlm_mcp.config import Settings
 from rlm_mcp.errors import SandboxError
-from rlm_mcp.sandbox.docker import (LABEL, LABEL_VALUE, OWNER_LABEL, DockerProvider, local_socket_path,
-                                    connect, owner_token)
+from rlm_mcp.sandbox.docker import LABEL, LABEL_VALUE, OWNER_LABEL, DockerProvider, connect, local_socket_path, owner_token
 
 IMAGE = os.environ.get("RLM_MCP_DOCKER_IMAGE") or Settings().docker_image
 

@@ -9,8 +9,8 @@ from typing import Literal
 from pydantic import BaseModel
 
 from rlm_mcp.config import Limits
-from rlm_mcp.errors import LimitExceeded
 from rlm_mcp.engine.models import Completion
+from rlm_mcp.errors import LimitExceeded
 
 
 class ModelUsage(BaseModel):

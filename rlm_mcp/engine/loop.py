@@ -21,15 +21,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from rlm_mcp.engine import prompts, replies
 from rlm_mcp.config import Limits, Settings
-from rlm_mcp.errors import ConfigError, LimitExceeded, RlmError, describe_os_error
-from rlm_mcp.sandbox.leftovers import owned_temp_prefix
+from rlm_mcp.engine import prompts, replies
+from rlm_mcp.engine.budget import Budget, ModelUsage
 from rlm_mcp.engine.models import Completion, ModelClient
 from rlm_mcp.engine.prompts import ContextShape
-from rlm_mcp.sandbox import CellResult, ContextFile, SandboxRegistry, SandboxSpec
 from rlm_mcp.engine.trajectory import TrajectoryWriter, excerpt, unique_run_id
-from rlm_mcp.engine.budget import Budget, ModelUsage
+from rlm_mcp.errors import ConfigError, LimitExceeded, RlmError, describe_os_error
+from rlm_mcp.sandbox import CellResult, ContextFile, SandboxRegistry, SandboxSpec
+from rlm_mcp.sandbox.leftovers import owned_temp_prefix
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,20 @@ from typing import TYPE_CHECKING
 
 import pydantic
 
-from rlm_mcp.engine.loop import RlmEngine, RunEvent, RunRequest, RunResult
-from rlm_mcp.errors import RlmError, RunNotFound, quoted
-from rlm_mcp.engine.prompts import ContextShape
-from rlm_mcp.engine.trajectory import (excerpt, now_iso, process_gone, process_identity, read_metadata, read_trajectory,
-                                rewrite_metadata, unique_run_id)
 from rlm_mcp.engine.budget import ModelUsage
+from rlm_mcp.engine.loop import RlmEngine, RunEvent, RunRequest, RunResult
+from rlm_mcp.engine.prompts import ContextShape
+from rlm_mcp.engine.trajectory import (
+    excerpt,
+    now_iso,
+    process_gone,
+    process_identity,
+    read_metadata,
+    read_trajectory,
+    rewrite_metadata,
+    unique_run_id,
+)
+from rlm_mcp.errors import RlmError, RunNotFound, quoted
 
 if TYPE_CHECKING:
     from rlm_mcp.store import ContextInfo

@@ -18,9 +18,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from rlm_mcp.engine.replies import prose
 from rlm_mcp.private import open_private, private_dir
 from rlm_mcp.sandbox.processes import pid_alive
-from rlm_mcp.engine.replies import prose
 
 EXCERPT_CHARS = 1_000
 

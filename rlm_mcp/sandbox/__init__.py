@@ -15,8 +15,8 @@ from typing import Protocol
 
 from rlm_mcp.config import SANDBOX_NAMES, Settings
 from rlm_mcp.errors import ConfigError, SandboxError
-from rlm_mcp.sandbox.leftovers import reap_temp_dirs
 from rlm_mcp.sandbox.base import CellResult, ContextFile, Sandbox, SandboxSpec, SubcallHandler
+from rlm_mcp.sandbox.leftovers import reap_temp_dirs
 
 __all__ = ["CellResult", "ContextFile", "Sandbox", "SandboxProvider", "SandboxRegistry",
            "SandboxSlots", "SandboxSpec", "SubcallHandler", "reap_leftovers"]

@@ -62,8 +62,7 @@ from daytona.common.errors import (
 from rlm_mcp.config import Settings
 from rlm_mcp.errors import ConfigError, SandboxError
 from rlm_mcp.sandbox.base import Sandbox, SandboxSpec
-from rlm_mcp.sandbox.channel import (WORKER_SCRIPT, ProtocolError, WorkerGone, WorkerSandbox, WorkerTransport,
-                                    message_too_large)
+from rlm_mcp.sandbox.channel import WORKER_SCRIPT, ProtocolError, WorkerGone, WorkerSandbox, WorkerTransport, message_too_large
 
 log = logging.getLogger(__name__)
 

@@ -65,10 +65,9 @@ from docker.types import LogConfig, Mount, Ulimit
 
 from rlm_mcp.config import Settings
 from rlm_mcp.errors import RlmError, SandboxError
-from rlm_mcp.sandbox.leftovers import dead_owner_in_name, owner_dir_name, owner_is_dead, owner_token
 from rlm_mcp.sandbox.base import Sandbox, SandboxSpec
-from rlm_mcp.sandbox.channel import (WORKER_SCRIPT, WorkerGone, WorkerSandbox, WorkerTransport, describe_stop,
-                                    message_too_large)
+from rlm_mcp.sandbox.channel import WORKER_SCRIPT, WorkerGone, WorkerSandbox, WorkerTransport, describe_stop, message_too_large
+from rlm_mcp.sandbox.leftovers import dead_owner_in_name, owner_dir_name, owner_is_dead, owner_token
 
 log = logging.getLogger(__name__)
 

@@ -44,10 +44,10 @@ from pathlib import Path
 
 from rlm_mcp.config import Settings
 from rlm_mcp.errors import SandboxError
-from rlm_mcp.sandbox.leftovers import dead_owner_in_name, owned_temp_prefix, owner_dir_name
-from rlm_mcp.sandbox.processes import Group, GroupLimits, GroupMaker, kill_tree
 from rlm_mcp.sandbox.base import CellResult, Sandbox, SandboxSpec
 from rlm_mcp.sandbox.channel import WORKER_SCRIPT, WorkerGone, WorkerSandbox, WorkerTransport, describe_stop
+from rlm_mcp.sandbox.leftovers import dead_owner_in_name, owned_temp_prefix, owner_dir_name
+from rlm_mcp.sandbox.processes import Group, GroupLimits, GroupMaker, kill_tree
 
 log = logging.getLogger(__name__)
 

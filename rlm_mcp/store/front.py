@@ -39,16 +39,15 @@ from typing import Any, BinaryIO, Literal
 
 import pydantic
 
+from rlm_mcp.config import Settings
+from rlm_mcp.errors import ContextError, describe_os_error, quoted
+from rlm_mcp.private import open_private, private_dir
+from rlm_mcp.sandbox.base import ContextFile
+from rlm_mcp.sandbox.processes import pid_alive
 from rlm_mcp.store import io as store_io
 from rlm_mcp.store import urlfetch
-from rlm_mcp.store.io import (ByteBudget, ContentWriter, Feed, binary_reason, iter_chars, pick_encoding,
-                              read_at_least, read_slice)
+from rlm_mcp.store.io import ByteBudget, ContentWriter, Feed, binary_reason, iter_chars, pick_encoding, read_at_least, read_slice
 from rlm_mcp.store.scan import DirectoryScan, inside_roots, skip_notes
-from rlm_mcp.config import Settings
-from rlm_mcp.private import open_private, private_dir
-from rlm_mcp.sandbox.processes import pid_alive
-from rlm_mcp.errors import ContextError, describe_os_error, quoted
-from rlm_mcp.sandbox.base import ContextFile
 
 log = logging.getLogger(__name__)
 

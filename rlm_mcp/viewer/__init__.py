@@ -74,10 +74,29 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rlm_mcp.viewer.model import (DEFAULT_BUDGET_CHARS, VIEW_FORMAT, build_view, check_run_id, iter_nodes,
-                                  locate, run_summaries, trajectory_files, view_etag)
-from rlm_mcp.viewer.render import (APP_PROTOCOL_VERSION, APP_RESOURCE_URI, DEFAULT_POLL_MS, MCP_APP_MIME, VIEW_TOOL,
-                                   app_html, open_in_browser, render_html, script_json, write_html)
+from rlm_mcp.viewer.model import (
+    DEFAULT_BUDGET_CHARS,
+    VIEW_FORMAT,
+    build_view,
+    check_run_id,
+    iter_nodes,
+    locate,
+    run_summaries,
+    trajectory_files,
+    view_etag,
+)
+from rlm_mcp.viewer.render import (
+    APP_PROTOCOL_VERSION,
+    APP_RESOURCE_URI,
+    DEFAULT_POLL_MS,
+    MCP_APP_MIME,
+    VIEW_TOOL,
+    app_html,
+    open_in_browser,
+    render_html,
+    script_json,
+    write_html,
+)
 
 __all__ = [
     "APP_PROTOCOL_VERSION", "APP_RESOURCE_URI", "DEFAULT_BUDGET_CHARS", "DEFAULT_POLL_MS", "MCP_APP_MIME",

@@ -27,8 +27,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from rlm_mcp.errors import ConfigError, RunNotFound
 from rlm_mcp.engine.replies import code_blocks, prose
+from rlm_mcp.errors import ConfigError, RunNotFound
 
 VIEW_FORMAT = "rlm-mcp-view/1"
 DEFAULT_BUDGET_CHARS = 1_500_000  # all excerpts of a run tree: keeps the page of a very large run near 3 MB

@@ -14,8 +14,16 @@ from pathlib import Path
 import pytest
 
 from bench.run import parse_args
-from bench.scenarios import (DAYTONA_EMULATOR, REFERENCE_IMAGE, REFERENCE_VENV, SANDBOX_IMAGE, SYSTEMS,
-                             SelectionError, resolve_systems, services_needed)
+from bench.scenarios import (
+    DAYTONA_EMULATOR,
+    REFERENCE_IMAGE,
+    REFERENCE_VENV,
+    SANDBOX_IMAGE,
+    SYSTEMS,
+    SelectionError,
+    resolve_systems,
+    services_needed,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 

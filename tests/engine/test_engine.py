@@ -10,11 +10,11 @@ import pytest
 
 from rlm_mcp.config import Limits, Settings
 from rlm_mcp.engine import RlmEngine, RunRequest, RunResult
-from rlm_mcp.errors import ConfigError, ModelError
 from rlm_mcp.engine.prompts import ContextShape
+from rlm_mcp.engine.trajectory import read_trajectory
+from rlm_mcp.errors import ConfigError, ModelError
 from rlm_mcp.sandbox import ContextFile
 from rlm_mcp.testing.model_server import CHUNK_CHARS, Fault, ScriptedModelServer
-from rlm_mcp.engine.trajectory import read_trajectory
 from tests.conftest import haystack
 
 

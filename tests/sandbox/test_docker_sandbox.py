@@ -19,9 +19,17 @@ import pytest
 
 from rlm_mcp.errors import RlmError, SandboxError
 from rlm_mcp.sandbox.base import ContextFile, SandboxSpec
-from rlm_mcp.sandbox.docker import (LABEL, LABEL_VALUE, OWNER_LABEL, DockerProvider, DockerSandbox,
-                                    build_sandbox_image, mounts_dir_name, owner_token,
-                                    reap_leftovers)
+from rlm_mcp.sandbox.docker import (
+    LABEL,
+    LABEL_VALUE,
+    OWNER_LABEL,
+    DockerProvider,
+    DockerSandbox,
+    build_sandbox_image,
+    mounts_dir_name,
+    owner_token,
+    reap_leftovers,
+)
 from rlm_mcp.testing.model_server import ScriptedModelServer
 from tests.docker_support import IMAGE, ProviderFactory, docker_settings
 from tests.server.test_transports import INITIALIZE, REPO, RLM_MCP, RawStdio, server_env

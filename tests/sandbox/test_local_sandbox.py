@@ -24,10 +24,10 @@ import pytest
 
 from rlm_mcp.config import Settings
 from rlm_mcp.errors import SandboxError
-from rlm_mcp.sandbox.leftovers import owner_dir_name
-from rlm_mcp.sandbox.processes import GroupLimits, GroupMaker
 from rlm_mcp.sandbox import ContextFile, SandboxSpec
+from rlm_mcp.sandbox.leftovers import owner_dir_name
 from rlm_mcp.sandbox.local import LocalProvider
+from rlm_mcp.sandbox.processes import GroupLimits, GroupMaker
 from tests.sandbox.test_hostile_code import ATTACKS, Outcome, processes_with
 
 UNPRIVILEGED_UID = 4242  # the non-root server of these tests (no passwd entry needed)

@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 from mcp import Client
 
-from rlm_mcp.engine import runs as runs_module
 from rlm_mcp.config import Limits, Settings
 from rlm_mcp.engine import RunRequest
+from rlm_mcp.engine import runs as runs_module
 from rlm_mcp.engine.prompts import ContextShape
 from rlm_mcp.sandbox import ContextFile
 from rlm_mcp.server import Services, build_server

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from rlm_mcp.store import front as store_module
-from rlm_mcp.store import io as store_io
 from rlm_mcp.config import Settings
 from rlm_mcp.errors import ContextError
 from rlm_mcp.sandbox.worker import PendingCalls, Repl
 from rlm_mcp.store import ContextStore
+from rlm_mcp.store import front as store_module
+from rlm_mcp.store import io as store_io
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import base64
+import functools
 import gzip
 import ipaddress
-import functools
-import os
 import logging
+import os
 import shutil
 import socket
 import ssl
@@ -21,10 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from rlm_mcp.store import urlfetch
 from rlm_mcp.config import Settings
 from rlm_mcp.errors import ContextError
-from rlm_mcp.store import ContextStore
+from rlm_mcp.store import ContextStore, urlfetch
 
 Route = Callable[[BaseHTTPRequestHandler], None]
 

@@ -23,9 +23,9 @@ import pytest
 from rlm_mcp.config import Limits, Settings
 from rlm_mcp.engine import RlmEngine, RunRequest, RunResult
 from rlm_mcp.engine.prompts import ContextShape
+from rlm_mcp.engine.trajectory import TrajectoryWriter
 from rlm_mcp.sandbox import ContextFile
 from rlm_mcp.testing.model_server import Fault, ScriptedModelServer
-from rlm_mcp.engine.trajectory import TrajectoryWriter
 from tests.conftest import haystack
 
 CHROMIUM = os.environ.get("RLM_MCP_TEST_CHROMIUM", "/usr/bin/chromium")

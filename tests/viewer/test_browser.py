@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from rlm_mcp.engine.trajectory import TrajectoryWriter
-from rlm_mcp.viewer import app_html, build_view, export_run, render_html, view_etag
 from rlm_mcp.testing.synthetic import HOSTILE as SYNTHETIC_HOSTILE
 from rlm_mcp.testing.synthetic import write_run
+from rlm_mcp.viewer import app_html, build_view, export_run, render_html, view_etag
 from tests.viewer.conftest import HOSTILE, Viewer, iteration_record, metadata, tree_run
 
 HOST_PAGE = Path(__file__).with_name("mcp_host.html")

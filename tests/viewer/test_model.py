@@ -11,12 +11,21 @@ from pathlib import Path
 
 import pytest
 
-from rlm_mcp.errors import ConfigError, RunNotFound
 from rlm_mcp.engine.trajectory import TrajectoryWriter
-from rlm_mcp.viewer import (MCP_APP_MIME, VIEW_FORMAT, app_html, build_view, iter_nodes, render_html,
-                            run_summaries, script_json, view_etag)
-from rlm_mcp.viewer.model import CAPS, FLOORS, cut
+from rlm_mcp.errors import ConfigError, RunNotFound
 from rlm_mcp.testing.synthetic import write_run
+from rlm_mcp.viewer import (
+    MCP_APP_MIME,
+    VIEW_FORMAT,
+    app_html,
+    build_view,
+    iter_nodes,
+    render_html,
+    run_summaries,
+    script_json,
+    view_etag,
+)
+from rlm_mcp.viewer.model import CAPS, FLOORS, cut
 from tests.viewer.conftest import HOSTILE, iteration_record, metadata, tree_run
 
 MARKER = re.compile(r"\.\.\. \[\+([\d,]+) chars\]\Z")
