@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from rlm_mcp.config import Limits, Settings
 from rlm_mcp.engine import prompts, replies
 from rlm_mcp.engine.budget import Budget, ModelUsage
-from rlm_mcp.engine.models import Completion, ModelClient
+from rlm_mcp.engine.models import Completion, ModelClient, Models
 from rlm_mcp.engine.prompts import ContextShape
 from rlm_mcp.engine.trajectory import TrajectoryWriter, excerpt, unique_run_id
 from rlm_mcp.errors import ConfigError, LimitExceeded, RlmError, describe_os_error
@@ -121,10 +121,10 @@ class _Tree:
 class RlmEngine:
     """Runs RLMs. One engine serves many concurrent runs; runs share no mutable state."""
 
-    def __init__(self, settings: Settings, models: ModelClient | None = None,
+    def __init__(self, settings: Settings, models: Models | None = None,
                  sandboxes: SandboxRegistry | None = None) -> None:
         self.settings = settings
-        self.models = models or ModelClient(settings)
+        self.models: Models = models or ModelClient(settings)
         self.sandboxes = sandboxes or SandboxRegistry(settings)
         self.trajectory_dir = settings.home / "trajectories"
 

@@ -13,7 +13,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from rlm_mcp.config import Settings
 from rlm_mcp.errors import ModelError
@@ -38,6 +38,15 @@ class Completion:
     output_tokens: int
     cost_usd: float | None
     elapsed_s: float
+
+
+class Models(Protocol):
+    """What the engine needs of a model client: :class:`ModelClient` (litellm), or the scripted
+    ``rlm_mcp.testing.fake_models.FakeModelClient`` in tests of the loop."""
+
+    def check_model(self, model: str | None) -> str: ...
+
+    async def complete(self, model: str, messages: list[dict[str, str]]) -> Completion: ...
 
 
 def _load_litellm() -> Any:
