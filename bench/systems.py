@@ -139,7 +139,7 @@ async def start_services(session: Session) -> None:
                                         capture_output=True, check=False)
         if found.returncode:
             session.unavailable["rlm-mcp/docker"] = (f"image {SANDBOX_IMAGE_TAG} missing "
-                                                     "(bash sandboxes/ci-setup-docker.sh)")
+                                                     "(bash tests/tools/ci-setup-docker.sh)")
     if DAYTONA_EMULATOR in needed:
         try:
             from rlm_mcp.testing.daytona_emulator import DaytonaEmulator

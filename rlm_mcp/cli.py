@@ -1,4 +1,5 @@
-"""Command line: ``rlm-mcp`` (stdio server), ``rlm-mcp serve``, ``rlm-mcp run``, ``rlm-mcp sandbox build``.
+"""Command line: ``rlm-mcp`` (stdio server), ``rlm-mcp serve``, ``rlm-mcp run``, ``rlm-mcp sandbox build``,
+``rlm-mcp sandbox daytona-snapshot``.
 
 Kept light: nothing here imports litellm, mcp or docker until a command needs them, so
 ``rlm-mcp --help`` answers at once.
@@ -11,6 +12,7 @@ import asyncio
 import logging
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from rlm_mcp import __version__
@@ -62,9 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     sandbox = commands.add_parser("sandbox", help="manage sandbox images")
     sandbox_commands = sandbox.add_subparsers(dest="sandbox_command", required=True)
-    build = sandbox_commands.add_parser("build", help="build the Docker sandbox image (offline when the registry is unreachable)")
-    build.add_argument("--offline", action="store_true", default=None,
-                       help="build the base image from Debian packages with debootstrap")
+    build = sandbox_commands.add_parser(
+        "build", help="build and tag the Docker sandbox image RLM_MCP_DOCKER_IMAGE (offline when the registry is unreachable)")
+    mode = build.add_mutually_exclusive_group()
+    mode.add_argument("--offline", action="store_const", const=True, dest="offline",
+                      help="build the base image from Debian packages with debootstrap (needs root)")
+    mode.add_argument("--online", action="store_const", const=False, dest="offline",
+                      help="require python:3.12-slim from the registry")
+    snapshot = sandbox_commands.add_parser("daytona-snapshot", help="create the Daytona snapshot sandboxes start from "
+                                                                    "(needs DAYTONA_API_KEY)")
+    snapshot.add_argument("--name", help="snapshot name (default RLM_MCP_DAYTONA_SNAPSHOT, else rlm-mcp-sandbox)")
+    snapshot.add_argument("--cpu", type=int, help="CPUs (default RLM_MCP_SANDBOX_CPUS, rounded up)")
+    snapshot.add_argument("--memory", type=int, help="GiB (default RLM_MCP_SANDBOX_MEMORY_MB, rounded up)")
+    snapshot.add_argument("--disk", type=int, help="GiB of disk")
+    snapshot.add_argument("--dockerfile", type=Path, help="image definition (default: the packaged daytona/Dockerfile)")
     return parser
 
 
@@ -83,10 +96,15 @@ def main(argv: list[str] | None = None) -> None:
             serve(settings, transport, getattr(args, "host", "127.0.0.1"), getattr(args, "port", 8765))
         elif args.command == "run":
             sys.exit(asyncio.run(_run(settings, args)))
-        elif args.command == "sandbox":
+        elif args.command == "sandbox" and args.sandbox_command == "build":
             from rlm_mcp.sandbox.docker import build_sandbox_image
 
             print(build_sandbox_image(settings, offline=args.offline))
+        elif args.command == "sandbox":
+            from rlm_mcp.sandbox.daytona import create_snapshot
+
+            print(asyncio.run(create_snapshot(settings, name=args.name, cpu=args.cpu, memory_gb=args.memory,
+                                              disk_gb=args.disk, dockerfile=args.dockerfile)))
     except RlmError as exc:
         print(f"rlm-mcp: error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -3,7 +3,7 @@
 Import them where needed (``from tests.docker_support import docker_provider  # noqa: F401``)
 or list this module in ``pytest_plugins``. Without an engine (or without the image) the tests
 are skipped with the reason on a developer machine, but fail when ``CI=true``: CI must prove the
-Docker backend, so sandboxes/ci-setup-docker.sh has to run first.
+Docker backend, so tests/tools/ci-setup-docker.sh has to run first.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ IMAGE = os.environ.get("RLM_MCP_DOCKER_IMAGE") or Settings().docker_image
 
 def _unavailable(reason: str) -> None:
     if os.environ.get("CI", "").strip().lower() in ("true", "1"):
-        pytest.fail(f"{reason} (CI=true: the Docker tests must run; run sandboxes/ci-setup-docker.sh first)",
+        pytest.fail(f"{reason} (CI=true: the Docker tests must run; run tests/tools/ci-setup-docker.sh first)",
                     pytrace=False)
     pytest.skip(reason)
 

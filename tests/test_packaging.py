@@ -100,6 +100,7 @@ def test_the_wheel_holds_every_module_the_console_script_and_the_metadata(checke
         entry_points = wheel.read(f"rlm_mcp-{VERSION}.dist-info/entry_points.txt").decode()
         metadata = wheel.read(f"rlm_mcp-{VERSION}.dist-info/METADATA").decode()
     modules = {name for name in tracked("rlm_mcp") if name.endswith((".py", "py.typed"))}
+    modules |= tracked("rlm_mcp/sandbox/images")  # package data: `rlm-mcp sandbox build` reads it
     assert modules and modules <= names, f"missing from the wheel: {sorted(modules - names)}"
     assert "rlm_mcp/py.typed" in names
     assert not {n for n in names if "__pycache__" in n or n.startswith(("tests/", "sandboxes/"))}
@@ -114,7 +115,8 @@ def test_the_sdist_carries_the_test_suite_the_sandbox_definitions_and_the_bundle
         names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
     wanted = {"pyproject.toml", "README.md", "MANIFEST.in", "claude_desktop_config.example.json",
               "tests/conftest.py", "tests/tools/check-wheel.sh", "tests/tools/stdio_initialize.py",
-              "sandboxes/Dockerfile", "sandboxes/build-base-offline.sh", "packaging/mcpb/manifest.json",
+              "rlm_mcp/sandbox/images/Dockerfile", "rlm_mcp/sandbox/images/build-base-offline.sh",
+              "tests/tools/ci-setup-docker.sh", "packaging/mcpb/manifest.json",
               "packaging/build-bundle.sh", "packaging/server.json"}
     wanted |= {name for name in tracked("rlm_mcp") if name.endswith(".py")}
     assert wanted <= names, f"missing from the sdist: {sorted(wanted - names)}"

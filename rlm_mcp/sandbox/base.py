@@ -7,13 +7,26 @@ A sandbox is a persistent Python REPL holding the run's context. The engine only
 from __future__ import annotations
 
 import abc
+import importlib.resources
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
 from rlm_mcp.config import MAX_MESSAGE_MB
+from rlm_mcp.errors import SandboxError
 
 ContextKind = Literal["text", "documents"]
+
+
+def image_definitions() -> Path:
+    """The sandbox image definitions (``Dockerfile``, ``build-base-offline.sh``, ``daytona/``),
+    shipped as package data so image builds work from an installed wheel as from a checkout."""
+    images = importlib.resources.files("rlm_mcp.sandbox") / "images"
+    # docker-py and the Daytona SDK read a real directory: a zipped install has none.
+    if not isinstance(images, Path) or not (images / "Dockerfile").is_file():
+        raise SandboxError(f"the sandbox image definitions are missing from the installed rlm-mcp package "
+                           f"({images}): reinstall it from a wheel or a source checkout")
+    return images
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,12 @@ by default) and never holds a key. Sandboxes are deleted on close, cancel and sh
 provider deletes any it still owns); if the server dies, auto-stop plus ``ephemeral`` makes
 Daytona delete them after ``RLM_MCP_DAYTONA_AUTO_STOP_MINUTES`` of inactivity.
 
-``python -m rlm_mcp.sandbox.daytona create-snapshot`` builds the snapshot from
-``sandboxes/daytona/Dockerfile``.
+``rlm-mcp sandbox daytona-snapshot`` builds the snapshot (:func:`create_snapshot`) from the
+packaged ``images/daytona/Dockerfile``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import contextlib
@@ -61,7 +60,7 @@ from daytona.common.errors import (
 
 from rlm_mcp.config import Settings
 from rlm_mcp.errors import ConfigError, SandboxError
-from rlm_mcp.sandbox.base import Sandbox, SandboxSpec
+from rlm_mcp.sandbox.base import Sandbox, SandboxSpec, image_definitions
 from rlm_mcp.sandbox.channel import WORKER_SCRIPT, ProtocolError, WorkerGone, WorkerSandbox, WorkerTransport, message_too_large
 
 log = logging.getLogger(__name__)
@@ -69,7 +68,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_SNAPSHOT = "rlm-mcp-sandbox"
-SNAPSHOT_DIR = Path(__file__).resolve().parents[2] / "sandboxes" / "daytona"
+SNAPSHOT_DISK_GB = 3
 SANDBOX_LABEL = {"rlm-mcp": "sandbox"}
 REMOTE_DIR = ".rlm-mcp"  # relative paths resolve against the sandbox's working directory
 STDERR_TAIL_LINES = 20
@@ -398,8 +397,8 @@ class DaytonaSandbox(WorkerSandbox):
         except SandboxError as exc:
             if isinstance(exc.__cause__, DaytonaNotFoundError):
                 raise SandboxError(
-                    f"Daytona has no snapshot {params.snapshot!r}: create it with `python -m "
-                    "rlm_mcp.sandbox.daytona create-snapshot`, or name an existing one in "
+                    f"Daytona has no snapshot {params.snapshot!r}: create it with `rlm-mcp sandbox "
+                    "daytona-snapshot`, or name an existing one in "
                     f"RLM_MCP_DAYTONA_SNAPSHOT ({exc.__cause__})") from exc.__cause__
             raise
         log.info("Daytona sandbox %s (%s) created", self.remote.id, self.name)
@@ -553,41 +552,32 @@ class DaytonaProvider:
 # ----- snapshot --------------------------------------------------------------------------------
 
 
-async def create_snapshot(settings: Settings, name: str, cpu: int, memory_gb: int, disk_gb: int,
-                          dockerfile: Path) -> None:
-    """Build the sandbox snapshot from the Dockerfile in ``sandboxes/daytona``."""
+async def create_snapshot(settings: Settings, *, name: str | None = None, cpu: int | None = None,
+                          memory_gb: int | None = None, disk_gb: int | None = None,
+                          dockerfile: Path | None = None) -> str:
+    """Build the sandbox snapshot in Daytona from the packaged ``images/daytona/Dockerfile``;
+    return its name. Unset sizes come from the settings (``RLM_MCP_SANDBOX_CPUS``,
+    ``RLM_MCP_SANDBOX_MEMORY_MB``); build logs go to stderr (``rlm-mcp sandbox daytona-snapshot``)."""
+    if not settings.daytona_api_key:
+        raise ConfigError("set DAYTONA_API_KEY (app.daytona.io -> Keys) before creating the snapshot")
+    name = name or settings.daytona_snapshot or DEFAULT_SNAPSHOT
+    cpu = cpu or max(1, math.ceil(settings.sandbox_cpus))
+    memory_gb = memory_gb or max(1, math.ceil(settings.sandbox_memory_mb / 1024))
+    disk_gb = disk_gb or SNAPSHOT_DISK_GB
+    dockerfile = dockerfile or image_definitions() / "daytona" / "Dockerfile"
+    if not dockerfile.is_file():
+        raise ConfigError(f"no Dockerfile at {dockerfile}: pass an existing file")
     config = DaytonaConfig(api_key=settings.daytona_api_key, api_url=settings.daytona_api_url,
                            target=settings.daytona_target)
-    async with AsyncDaytona(config) as client:
-        params = CreateSnapshotParams(name=name, image=Image.from_dockerfile(dockerfile),
-                                      resources=Resources(cpu=cpu, memory=memory_gb, disk=disk_gb))
-        snapshot = await client.snapshot.create(params, on_logs=lambda line: print(line, file=sys.stderr))
-        print(f"snapshot {snapshot.name} is {snapshot.state}", file=sys.stderr)
-
-
-def main(argv: list[str] | None = None) -> None:
-    settings = Settings.from_env()
-    parser = argparse.ArgumentParser(prog="python -m rlm_mcp.sandbox.daytona",
-                                     description="Daytona sandbox tooling for rlm-mcp.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    build = commands.add_parser("create-snapshot", help="build the sandbox snapshot in Daytona")
-    build.add_argument("--name", default=settings.daytona_snapshot or DEFAULT_SNAPSHOT)
-    build.add_argument("--cpu", type=int, default=max(1, math.ceil(settings.sandbox_cpus)))
-    build.add_argument("--memory", type=int, default=max(1, math.ceil(settings.sandbox_memory_mb / 1024)),
-                       help="GiB (default from RLM_MCP_SANDBOX_MEMORY_MB)")
-    build.add_argument("--disk", type=int, default=3, help="GiB")
-    build.add_argument("--dockerfile", type=Path, default=SNAPSHOT_DIR / "Dockerfile")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    if not settings.daytona_api_key:
-        parser.error("set DAYTONA_API_KEY first")
     try:
-        asyncio.run(create_snapshot(settings, args.name, args.cpu, args.memory, args.disk, args.dockerfile))
+        async with AsyncDaytona(config) as client:
+            params = CreateSnapshotParams(name=name, image=Image.from_dockerfile(dockerfile),
+                                          resources=Resources(cpu=cpu, memory=memory_gb, disk=disk_gb))
+            snapshot = await client.snapshot.create(params, on_logs=lambda line: print(line, file=sys.stderr))
     except DaytonaError as exc:
-        sys.exit(f"creating snapshot {args.name!r} failed: {exc}")
+        raise SandboxError(f"creating the Daytona snapshot {name!r} failed: {exc}") from exc
+    print(f"snapshot {snapshot.name} is {snapshot.state}", file=sys.stderr)
+    return str(snapshot.name)
 
 
 __all__ = ["DaytonaProvider", "DaytonaSandbox", "create_snapshot"]
-
-if __name__ == "__main__":
-    main()

@@ -35,7 +35,6 @@ This is the only module that imports docker-py.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import contextlib
@@ -64,8 +63,8 @@ from docker.models.containers import Container
 from docker.types import LogConfig, Mount, Ulimit
 
 from rlm_mcp.config import Settings
-from rlm_mcp.errors import RlmError, SandboxError
-from rlm_mcp.sandbox.base import Sandbox, SandboxSpec
+from rlm_mcp.errors import SandboxError
+from rlm_mcp.sandbox.base import Sandbox, SandboxSpec, image_definitions
 from rlm_mcp.sandbox.channel import WORKER_SCRIPT, WorkerGone, WorkerSandbox, WorkerTransport, describe_stop, message_too_large
 from rlm_mcp.sandbox.leftovers import dead_owner_in_name, owner_dir_name, owner_is_dead, owner_token
 
@@ -85,7 +84,6 @@ MOUNTS_DIRNAME = "docker-mounts"
 
 ONLINE_BASE_IMAGE = "python:3.12-slim"
 OFFLINE_BASE_IMAGE = "rlm-mcp-base:bookworm"
-SANDBOXES_DIR = Path(__file__).resolve().parents[2] / "sandboxes"
 
 STDERR_TAIL_LINES = 20
 STDERR_TAIL_CHARS = 4096
@@ -814,16 +812,15 @@ def _has_image(client: docker.DockerClient, image: str) -> bool:
 
 def build_sandbox_image(settings: Settings, *, offline: bool | None = None,
                         log: Callable[[str], None] = print_to_stderr) -> str:
-    """Build ``settings.docker_image`` from sandboxes/Dockerfile; return the image tag.
+    """Build ``settings.docker_image`` from the packaged images/Dockerfile; return the image tag.
 
     ``offline=None`` decides by itself: it uses python:3.12-slim when that image is present or
     can be pulled, else (or with ``offline=True``) a Debian base made by
-    sandboxes/build-base-offline.sh (needs root and debootstrap). An offline base made earlier
+    images/build-base-offline.sh (needs root and debootstrap). An offline base made earlier
     is reused. Builds go through docker-py's API; the docker CLI is only used by that script.
     """
-    dockerfile = SANDBOXES_DIR / "Dockerfile"
-    if not dockerfile.is_file():
-        raise SandboxError(f"{dockerfile} is missing: build the sandbox image from an rlm-mcp source checkout")
+    images = image_definitions()
+    dockerfile = images / "Dockerfile"
     client = connect()
     try:
         if offline is None:
@@ -842,7 +839,7 @@ def build_sandbox_image(settings: Settings, *, offline: bool | None = None,
             _build_offline_base(base, log)
         log(f"building {settings.docker_image} from {dockerfile} (base {base})")
         with _docker_errors(f"build {settings.docker_image}"):
-            for chunk in client.api.build(path=str(SANDBOXES_DIR), dockerfile="Dockerfile",
+            for chunk in client.api.build(path=str(images), dockerfile="Dockerfile",
                                           tag=settings.docker_image, buildargs={"BASE_IMAGE": base},
                                           pull=False, rm=True, forcerm=True, decode=True):
                 if "error" in chunk:
@@ -857,7 +854,7 @@ def build_sandbox_image(settings: Settings, *, offline: bool | None = None,
 
 
 def _build_offline_base(name: str, log_line: Callable[[str], None]) -> None:
-    script = SANDBOXES_DIR / "build-base-offline.sh"
+    script = image_definitions() / "build-base-offline.sh"
     tail: collections.deque[str] = collections.deque(maxlen=10)
     with subprocess.Popen(["sh", str(script), name], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, errors="replace") as process:
@@ -868,26 +865,3 @@ def _build_offline_base(name: str, log_line: Callable[[str], None]) -> None:
     if process.returncode != 0:
         raise SandboxError(f"building the offline base image failed (exit {process.returncode}): "
                            + " | ".join(tail))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m rlm_mcp.sandbox.docker build [--offline | --online]``"""
-    parser = argparse.ArgumentParser(prog="python -m rlm_mcp.sandbox.docker",
-                                     description="Build the rlm-mcp Docker sandbox image.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    build = commands.add_parser("build", help="build and tag RLM_MCP_DOCKER_IMAGE")
-    mode = build.add_mutually_exclusive_group()
-    mode.add_argument("--offline", action="store_true", help="use a Debian base made with debootstrap")
-    mode.add_argument("--online", action="store_true", help=f"require {ONLINE_BASE_IMAGE} from the registry")
-    args = parser.parse_args(argv)
-    offline = True if args.offline else False if args.online else None
-    try:
-        build_sandbox_image(Settings.from_env(), offline=offline)
-    except RlmError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -178,7 +178,7 @@ async def test_wrong_api_key_names_the_variable_to_fix(emulator, context):
 
 async def test_missing_snapshot_says_how_to_create_it(emulator, context):
     provider = DaytonaProvider(emulator_settings(emulator, daytona_snapshot="no-such-snapshot"))
-    with pytest.raises(SandboxError, match="no snapshot 'no-such-snapshot'.*create-snapshot"):
+    with pytest.raises(SandboxError, match="no snapshot 'no-such-snapshot'.*rlm-mcp sandbox daytona-snapshot"):
         async with provider.create(spec(context)):
             pass
     assert_nothing_left(emulator, provider)

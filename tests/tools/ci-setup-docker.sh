@@ -1,19 +1,19 @@
 #!/bin/sh
 # Make a CI machine ready for the Docker tests: engine installed and answering, sandbox image built.
 #
-#   sandboxes/ci-setup-docker.sh            (run as root from the repository root)
+#   tests/tools/ci-setup-docker.sh            (run as root)
 #
 # Idempotent and quick when everything is already there. Installs Debian's docker.io and
 # debootstrap with apt-get only when missing, starts dockerd in the background (log in
 # /tmp/dockerd.log) only when no engine answers, waits for it (bounded), then builds
-# RLM_MCP_DOCKER_IMAGE through `python -m rlm_mcp.sandbox.docker build`, which falls back to
+# RLM_MCP_DOCKER_IMAGE through `python -m rlm_mcp sandbox build` (the `rlm-mcp` CLI), which falls back to
 # an offline debootstrap base when Docker Hub cannot be reached. PYTHON overrides the
 # interpreter (default: python3); DOCKERD_WAIT_S the wait for the engine (default: 60).
 set -eu
 
 PYTHON="${PYTHON:-python3}"
 WAIT_S="${DOCKERD_WAIT_S:-60}"
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 need_packages=""
 command -v dockerd >/dev/null 2>&1 || need_packages="$need_packages docker.io"
@@ -44,4 +44,4 @@ if ! engine_answers; then
 fi
 echo "Docker engine $(docker version --format '{{.Server.Version}}') is answering" >&2
 
-"$PYTHON" -m rlm_mcp.sandbox.docker build
+"$PYTHON" -m rlm_mcp sandbox build

@@ -1,7 +1,9 @@
 #!/bin/sh
 # Build a Debian bookworm base image with python3 without a container registry.
 #
-#   sandboxes/build-base-offline.sh [IMAGE_NAME]      (default: rlm-mcp-base:bookworm)
+#   rlm_mcp/sandbox/images/build-base-offline.sh [IMAGE_NAME]   (default: rlm-mcp-base:bookworm)
+#
+# `rlm-mcp sandbox build --offline` runs it from the installed package.
 #
 # For machines that cannot reach Docker Hub (so `FROM python:3.12-slim` cannot be pulled) but
 # can reach a Debian mirror. Uses debootstrap (minbase variant, plus python3) with the mirror
