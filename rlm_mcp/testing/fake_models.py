@@ -1,8 +1,8 @@
 """A model client that answers from a script in-process: no litellm, no HTTP.
 
-The engine takes any object with ``check_model`` and ``complete`` (``engine.models.Models``),
-as httpx takes any transport; this one is for tests of the loop (what the engine does with
-replies), the way ``httpx.MockTransport`` is for tests of code above the network. What litellm
+The engine takes any object with the methods of ``engine.models.Models`` (``check_model``,
+``complete``, ``ready``), as httpx takes any transport; this one is for tests of the loop (what
+the engine does with replies), the way ``httpx.MockTransport`` is for tests of code above the network. What litellm
 does (routing, retries, error mapping, pricing) is tested against the scripted HTTP server in
 ``model_server``, whose policies this client plays by default so both behave the same::
 
@@ -75,6 +75,12 @@ class FakeModelClient:
         """Queue more root replies (consumed in order, before the model's policy)."""
         with self._lock:
             self._replies.extend(replies)
+
+    def start_warm_up(self) -> None:
+        """Nothing to load: the real client imports litellm here."""
+
+    async def ready(self) -> None:
+        """Always ready (the real client waits for litellm's import)."""
 
     def check_model(self, model: str | None) -> str:
         """Any non-empty model string is accepted (routing is litellm's, tested elsewhere)."""

@@ -1,4 +1,6 @@
-"""The RLM engine end to end: litellm over HTTP to the scripted model, local sandboxes."""
+"""The RLM engine end to end with local sandboxes. Tests of the loop script the root model in
+process (FakeModelClient); tests of the model path (litellm over HTTP, retries, pricing, error
+mapping) and the end-to-end policies go to the scripted model server."""
 
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from rlm_mcp.engine.prompts import ContextShape
 from rlm_mcp.engine.trajectory import read_trajectory
 from rlm_mcp.errors import ConfigError, ModelError
 from rlm_mcp.sandbox import ContextFile
-from rlm_mcp.testing.model_server import CHUNK_CHARS, Fault, ScriptedModelServer
+from rlm_mcp.testing.fake_models import FakeModelClient
+from rlm_mcp.testing.model_server import CHUNK_CHARS, Fault
 from tests.conftest import haystack
 
 
@@ -28,8 +31,8 @@ def with_limits(settings: Settings, **limits) -> Settings:
     return replace(settings, limits=replace(settings.limits, **limits))
 
 
-async def run(settings: Settings, request: RunRequest) -> RunResult:
-    engine = RlmEngine(settings)
+async def run(settings: Settings, request: RunRequest, models: FakeModelClient | None = None) -> RunResult:
+    engine = RlmEngine(settings, models=models)
     try:
         return await engine.run(request)
     finally:
@@ -38,10 +41,6 @@ async def run(settings: Settings, request: RunRequest) -> RunResult:
 
 def repl(code: str) -> str:
     return f"```repl\n{code}\n```"
-
-
-def sent_user_messages(server: ScriptedModelServer, model: str) -> list[str]:
-    return [body["messages"][-1]["content"] for body in server.stats.requests if body["model"] == model]
 
 
 
@@ -59,55 +58,56 @@ async def test_needle_in_a_multi_megabyte_haystack_is_found(settings, tmp_path, 
 
 
 async def test_final_var_line_outside_code_finishes_the_run(settings, tmp_path):
-    result = await run(replace(settings, model="openai/needle-final"), text_request(tmp_path, haystack(900_000, "FV-1")))
+    result = await run(replace(settings, model="openai/needle-final"), text_request(tmp_path, haystack(900_000, "FV-1")),
+                       FakeModelClient())
     assert (result.status, result.answer, result.iterations) == ("completed", "FV-1", 3)
 
 
-async def test_final_line_in_prose_is_the_answer(settings, tmp_path, model_server):
-    model_server.script("final-prose", ["I have what I need.\nFINAL(the answer is 7)"])
-    result = await run(replace(settings, model="openai/final-prose"), text_request(tmp_path, "x"))
+async def test_final_line_in_prose_is_the_answer(settings, tmp_path):
+    models = FakeModelClient(["I have what I need.\nFINAL(the answer is 7)"])
+    result = await run(settings, text_request(tmp_path, "x"), models)
     assert (result.status, result.answer) == ("completed", "the answer is 7")
 
 
-async def test_final_inside_a_code_block_is_code_not_an_answer(settings, tmp_path, model_server):
-    model_server.script("final-in-code", [repl("print('FINAL(not yet)')"), "FINAL(done)"])
-    result = await run(replace(settings, model="openai/final-in-code"), text_request(tmp_path, "x"))
+async def test_final_inside_a_code_block_is_code_not_an_answer(settings, tmp_path):
+    models = FakeModelClient([repl("print('FINAL(not yet)')"), "FINAL(done)"])
+    result = await run(settings, text_request(tmp_path, "x"), models)
     assert (result.answer, result.iterations) == ("done", 2)
 
 
-async def test_a_reply_without_code_or_answer_gets_a_nudge(settings, tmp_path, recording):
-    recording.script("chatty", ["Let me think about this.", "FINAL(ok)"])
-    result = await run(replace(settings, model="openai/chatty"), text_request(tmp_path, "x"))
+async def test_a_reply_without_code_or_answer_gets_a_nudge(settings, tmp_path):
+    models = FakeModelClient(["Let me think about this.", "FINAL(ok)"])
+    result = await run(settings, text_request(tmp_path, "x"), models)
     assert (result.answer, result.iterations) == ("ok", 2)
-    assert "no ```repl code block" in sent_user_messages(recording, "chatty")[1]
+    assert "no ```repl code block" in models.user_messages("openai/needle")[1]
 
 
-async def test_long_cell_output_is_truncated_for_the_model(settings, tmp_path, recording):
-    recording.script("loud", [repl("print('y' * 50_000)"), "FINAL(ok)"])
-    result = await run(with_limits(replace(settings, model="openai/loud"), max_output_chars=1_000),
-                       text_request(tmp_path, "x"))
-    feedback = sent_user_messages(recording, "loud")[1]
+async def test_long_cell_output_is_truncated_for_the_model(settings, tmp_path):
+    models = FakeModelClient([repl("print('y' * 50_000)"), "FINAL(ok)"])
+    result = await run(with_limits(settings, max_output_chars=1_000), text_request(tmp_path, "x"), models)
+    feedback = models.user_messages("openai/needle")[1]
     assert result.status == "completed"
     assert "y" * 1_000 in feedback and "y" * 1_001 not in feedback
     assert "49,001 more characters not shown" in feedback
 
 
-async def test_iterations_exhausted_ends_with_one_answer_now_call(settings, tmp_path, model_server):
-    model_server.script("looper", [repl("print(1)"), repl("print(2)"), "FINAL(best guess: 3)"])
-    result = await run(with_limits(replace(settings, model="openai/looper"), max_iterations=2),
-                       text_request(tmp_path, "x"))
+async def test_iterations_exhausted_ends_with_one_answer_now_call(settings, tmp_path):
+    models = FakeModelClient([repl("print(1)"), repl("print(2)"), "FINAL(best guess: 3)"])
+    result = await run(with_limits(settings, max_iterations=2), text_request(tmp_path, "x"), models)
     assert (result.status, result.limit, result.answer, result.iterations) == (
         "limit_reached", "max_iterations", "best guess: 3", 2)
 
 
 async def test_max_subcalls_ends_the_run_with_the_limit_named(settings, tmp_path):
-    result = await run(with_limits(settings, max_subcalls=2), text_request(tmp_path, haystack(2_000_000)))
+    result = await run(with_limits(settings, max_subcalls=2), text_request(tmp_path, haystack(2_000_000)),
+                       FakeModelClient())
     assert (result.status, result.limit) == ("limit_reached", "max_subcalls")
     assert result.subcalls == 2
 
 
 async def test_max_tokens_ends_the_run(settings, tmp_path):
-    result = await run(with_limits(settings, max_tokens=50), text_request(tmp_path, haystack(1_000_000)))
+    result = await run(with_limits(settings, max_tokens=50), text_request(tmp_path, haystack(1_000_000)),
+                       FakeModelClient())
     assert (result.status, result.limit) == ("limit_reached", "max_tokens")
 
 
@@ -127,10 +127,9 @@ async def test_unknown_prices_give_null_cost(settings, tmp_path):
     assert result.cost_usd is None and result.usage["openai/needle"].cost_usd is None
 
 
-async def test_wall_clock_timeout_ends_a_stuck_run_with_the_partial_answer(settings, tmp_path, model_server):
-    model_server.script("slowpoke", [repl("answer['content'] = 'partial'\nimport time\ntime.sleep(60)")])
-    result = await run(with_limits(replace(settings, model="openai/slowpoke"), timeout_s=1.0, cell_timeout_s=1.0),
-                       text_request(tmp_path, "x"))
+async def test_wall_clock_timeout_ends_a_stuck_run_with_the_partial_answer(settings, tmp_path):
+    models = FakeModelClient([repl("answer['content'] = 'partial'\nimport time\ntime.sleep(60)")])
+    result = await run(with_limits(settings, timeout_s=1.0, cell_timeout_s=1.0), text_request(tmp_path, "x"), models)
     assert (result.status, result.limit) == ("limit_reached", "timeout_s")
     assert result.elapsed_s < 10
 
@@ -194,10 +193,10 @@ async def test_an_authentication_error_says_which_key_to_set(settings, tmp_path,
     assert result.status == "failed" and "OPENAI_API_KEY" in result.error
 
 
-async def test_a_crashed_worker_is_reported_and_the_run_goes_on(settings, tmp_path, recording):
-    recording.script("crasher", [repl("import os\nos._exit(1)"), repl("print(len(context))"), "FINAL(survived)"])
-    result = await run(replace(settings, model="openai/crasher"), text_request(tmp_path, "abc"))
-    feedback = sent_user_messages(recording, "crasher")
+async def test_a_crashed_worker_is_reported_and_the_run_goes_on(settings, tmp_path):
+    models = FakeModelClient([repl("import os\nos._exit(1)"), repl("print(len(context))"), "FINAL(survived)"])
+    result = await run(settings, text_request(tmp_path, "abc"), models)
+    feedback = models.user_messages("openai/needle")
     assert (result.status, result.answer) == ("completed", "survived")
     assert "died" in feedback[1] and "lost" in feedback[1]
     assert "Output:\n3" in feedback[2]
@@ -266,16 +265,16 @@ async def test_a_run_goes_the_same_way_in_the_other_sandbox_backends(settings, t
     assert meta["environment_type"] == backend
 
 
-async def test_repl_code_may_only_name_allowed_models(settings, tmp_path, recording):
+async def test_repl_code_may_only_name_allowed_models(settings, tmp_path):
     code = repl("try:\n    print(llm_query('the secret code is M-1', model='openai/pricey'))\n"
                 "except Exception as exc:\n    print('refused:', exc)")
-    recording.script("picky", [code, "FINAL(done)"])
-    await run(replace(settings, model="openai/picky"), text_request(tmp_path, "x"))
-    assert "refused: model 'openai/pricey' is not allowed for sub-calls" in sent_user_messages(recording, "picky")[1]
-    recording.script("picky", [code, "FINAL(done)"])
+    models = FakeModelClient([code, "FINAL(done)"])
+    await run(replace(settings, model="openai/picky"), text_request(tmp_path, "x"), models)
+    assert "refused: model 'openai/pricey' is not allowed for sub-calls" in models.user_messages("openai/picky")[1]
+    models.script([code, "FINAL(done)"])
     result = await run(replace(settings, model="openai/picky", allowed_models=("openai/pricey",)),
-                       text_request(tmp_path, "x"))
-    assert "Output:\nM-1" in sent_user_messages(recording, "picky")[3]
+                       text_request(tmp_path, "x"), models)
+    assert "Output:\nM-1" in models.user_messages("openai/picky")[3]
     assert result.usage["openai/pricey"].calls == 1
 
 
