@@ -1,7 +1,7 @@
 """A model client that answers from a script in-process: no litellm, no HTTP.
 
 The engine takes any object with the methods of ``engine.models.Models`` (``check_model``,
-``complete``, ``ready``), as httpx takes any transport; this one is for tests of the loop (what
+``complete``, ``ready``, ``context_window``), as httpx takes any transport; this one is for tests of the loop (what
 the engine does with replies), the way ``httpx.MockTransport`` is for tests of code above the network. What litellm
 does (routing, retries, error mapping, pricing) is tested against the scripted HTTP server in
 ``model_server``, whose policies this client plays by default so both behave the same::
@@ -61,10 +61,11 @@ class FakeModelClient:
     """Scripted completions with usage; records every request in ``requests``."""
 
     def __init__(self, replies: Iterable[Reply] = (), *, subcalls: Responder | None = None,
-                 cost_per_token_usd: float | None = None) -> None:
+                 cost_per_token_usd: float | None = None, context_window: int | None = None) -> None:
         self._replies: deque[Reply] = deque(replies)
         self._subcalls = subcalls
         self.cost_per_token_usd = cost_per_token_usd  # None: unpriced, as for unknown models
+        self.window = context_window  # None: unknown, as litellm says for models missing from its table
         self.requests: list[ModelRequest] = []
         self.calls_by_model: Counter[str] = Counter()
         self.in_flight = 0
@@ -87,6 +88,9 @@ class FakeModelClient:
         if not model or not model.strip():
             raise ModelError("no model configured: set RLM_MCP_MODEL (or pass model=...); " + MODEL_HINT)
         return model
+
+    def context_window(self, model: str) -> int | None:
+        return self.window
 
     def user_messages(self, model: str) -> list[str]:
         """The last user message of each request sent to ``model``, in order."""
