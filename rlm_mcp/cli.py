@@ -60,7 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--include", action="append", help="glob of files to include from a directory")
     run.add_argument("--exclude", action="append", help="glob of files to skip in a directory")
     run.add_argument("--json", action="store_true", help="print the whole result as JSON on stdout")
+    run.add_argument("--verbose", "-v", action="store_true",
+                     help="print each iteration to stderr as it happens (reply, code, output, sub-calls)")
+    run.add_argument("--view", action="store_true", help="open the run's viewer in the browser when it ends")
     _limit_options(run)
+
+    view = commands.add_parser("view", help="write a run's viewer page (HTML) and open it in the browser")
+    view.add_argument("run", metavar="RUN_ID|TRAJECTORY_PATH",
+                      help="a run id (`rlm-mcp runs` lists them) or a trajectory .jsonl file")
+    view.add_argument("--out", help="where to write the page (default: <data dir>/views/<run id>.html)")
+    view.add_argument("--no-open", action="store_true", help="only write the page and print its path")
+
+    runs = commands.add_parser("runs", help="list recent runs, newest first")
+    runs.add_argument("--json", action="store_true", help="print them as JSON")
+    runs.add_argument("--limit", type=int, default=20, help="how many (default 20)")
 
     sandbox = commands.add_parser("sandbox", help="manage sandbox images")
     sandbox_commands = sandbox.add_subparsers(dest="sandbox_command", required=True)
@@ -96,6 +109,10 @@ def main(argv: list[str] | None = None) -> None:
             serve(settings, transport, getattr(args, "host", "127.0.0.1"), getattr(args, "port", 8765))
         elif args.command == "run":
             sys.exit(asyncio.run(_run(settings, args)))
+        elif args.command == "view":
+            print(_view(settings, args.run, args.out, open_browser=not args.no_open))
+        elif args.command == "runs":
+            _runs(settings, args.limit, args.json)
         elif args.command == "sandbox" and args.sandbox_command == "build":
             from rlm_mcp.sandbox.docker import build_sandbox_image
 
@@ -158,8 +175,9 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
     request = RunRequest(query=args.question, context=store.context_file(info.handle), shape=shape_of(info),
                          model=args.model, sub_model=args.sub_model, sandbox=args.sandbox, limits=limits)
     progress = _Progress()
+    on_event = _Verbose(progress) if args.verbose else progress
     try:
-        result = await engine.run(request, on_event=progress)
+        result = await engine.run(request, on_event=on_event)
     finally:
         progress.close()
         await services.aclose()
@@ -176,7 +194,109 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
     if result.error:
         print(f"rlm-mcp: {result.error}", file=sys.stderr)
     print(f"rlm-mcp: trajectory: {result.trajectory_path}", file=sys.stderr)
+    if args.view and result.trajectory_path:
+        try:
+            print(f"rlm-mcp: view: {_view(settings, result.trajectory_path, None, open_browser=True)}",
+                  file=sys.stderr)
+        except RlmError as exc:  # the answer is out already: the view is a bonus
+            print(f"rlm-mcp: could not write the view: {exc}", file=sys.stderr)
     return 0 if result.status == "completed" else 1
+
+
+def _view(settings: Settings, target: str, out: str | None, *, open_browser: bool) -> str:
+    """Write a run's page; returns its path. ``target``: a run id or a trajectory file."""
+    from pathlib import Path
+
+    from rlm_mcp.private import private_dir
+    from rlm_mcp.viewer import build_view, export_run
+
+    source = Path(target).expanduser()
+    if target.endswith(".jsonl") or source.is_file():
+        view = build_view(source)
+    else:
+        view = build_view(settings.home / "trajectories", target)
+    if out is None:  # excerpts of the context are in it: next to the trajectories, for this user only
+        out = str(private_dir(settings.home / "views") / f"{view['run_id']}.html")
+    return str(export_run(view, out, open_browser=open_browser))
+
+
+def _runs(settings: Settings, limit: int, as_json: bool) -> None:
+    import json
+
+    from rlm_mcp.viewer import run_summaries
+
+    summaries = run_summaries(settings.home / "trajectories", max(1, limit))
+    if as_json:
+        print(json.dumps(summaries, indent=2, ensure_ascii=False))
+        return
+    if not summaries:
+        print(f"no runs in {settings.home / 'trajectories'}", file=sys.stderr)
+        return
+    for run in summaries:
+        elapsed = f"{run['elapsed_s']:.1f} s" if run["elapsed_s"] is not None else "-"
+        cost = f"${run['cost_usd']:.4f}" if run["cost_usd"] is not None else "-"
+        started = (run["started_at"] or "-")[:19].replace("T", " ")
+        query = run["query"] if len(run["query"]) <= 60 else run["query"][:59] + "…"
+        print(f"{run['run_id']}  {run['status']:<13} {started:<19} {elapsed:>9} {cost:>9}  {query}")
+
+
+class _Verbose:
+    """``run --verbose``: each iteration of every RLM of the run on stderr as it is written to
+    the trajectory; the progress line for everything else. Colour only on a terminal."""
+
+    EXCERPT = 2_000
+
+    def __init__(self, progress: _Progress) -> None:
+        self.progress = progress
+        colour = sys.stderr.isatty()
+        self.dim, self.bold, self.cyan, self.green, self.red, self.reset = (
+            ("\033[2m", "\033[1m", "\033[36m", "\033[32m", "\033[31m", "\033[0m") if colour else ("",) * 6)
+
+    def __call__(self, event: Any) -> None:
+        if event.kind != "iteration_done" or event.detail is None:
+            self.progress(event)
+            return
+        if self.progress.live and self.progress.last:
+            sys.stderr.write("\r\033[K")
+            self.progress.last = ""  # redrawn by the next event
+        sys.stderr.write(self.render(event.detail))
+        sys.stderr.flush()
+
+    def cut(self, text: Any) -> str:
+        text = "" if text is None else str(text)
+        return text if len(text) <= self.EXCERPT else text[:self.EXCERPT] + f"... [+{len(text) - self.EXCERPT:,} chars]"
+
+    def render(self, record: Any) -> str:
+        from rlm_mcp.engine.replies import prose
+
+        usage = record.get("usage") or {}
+        rlm = record.get("rlm_id") or ""
+        who = "root" if "." not in rlm else f"child {rlm}"
+        lines = [f"{self.bold}{self.cyan}── iteration {record.get('iteration')} ({who}){self.reset} {self.dim}"
+                 f"{record.get('iteration_time') or 0:.1f} s, {usage.get('input_tokens') or 0:,} in / "
+                 f"{usage.get('output_tokens') or 0:,} out tokens{self.reset}"]
+        words = prose(record.get("response") or "").strip()
+        if words:
+            lines.append(self.cut(words))
+        for block in record.get("code_blocks") or []:
+            result = block.get("result") or {}
+            lines.append(f"{self.dim}>>> code{self.reset}")
+            lines.append(self.cut(block.get("code")).rstrip())
+            output = (result.get("stdout") or "").rstrip()
+            if output:
+                lines.append(f"{self.dim}--- output{self.reset}")
+                lines.append(self.cut(output))
+            if result.get("stderr"):
+                lines.append(f"{self.red}--- stderr{self.reset}")
+                lines.append(self.cut(result["stderr"]).rstrip())
+            calls = result.get("rlm_calls") or []
+            if calls:
+                children = sum(1 for c in calls if (c.get("usage_summary") or {}).get("child_run_id"))
+                lines.append(f"{self.dim}--- {_count(len(calls), 'sub-call')}"
+                             + (f" ({_count(children, 'child RLM')})" if children else "") + self.reset)
+        if record.get("final_answer") is not None:
+            lines.append(f"{self.green}{self.bold}FINAL ANSWER:{self.reset} {self.cut(record['final_answer'])}")
+        return "\n".join(lines) + "\n"
 
 
 def _count(number: int, noun: str) -> str:

@@ -158,7 +158,7 @@ def test_the_bundle_holds_its_manifest_entry_point_project_and_the_wheel(bundle,
     assert (manifest["manifest_version"], manifest["version"]) == ("0.4", VERSION)
     assert manifest["server"]["type"] == "uv" and manifest["server"]["entry_point"] == "server/main.py"
     assert project["project"]["dependencies"] == [f"rlm-mcp[docker]=={VERSION}"]
-    assert {tool["name"] for tool in manifest["tools"]} == TOOLS
+    assert {tool["name"] for tool in manifest["tools"]} == TOOLS - {"rlm_get_run_view"}  # app-only (MCP Apps)
 
 
 def test_the_bundle_asks_for_model_key_directory_and_sandbox_and_maps_each_to_a_documented_variable():

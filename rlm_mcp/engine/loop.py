@@ -14,7 +14,7 @@ import itertools
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -53,10 +53,14 @@ class RunRequest:
 
 @dataclass(frozen=True)
 class RunEvent:
-    """Progress, for the CLI's stderr line and the server's progress notifications."""
+    """Progress, for the CLI's stderr line and the server's progress notifications.
+
+    ``iteration_done`` comes after an iteration of any RLM of the tree was written to its
+    trajectory; ``detail`` is then that trajectory line (reply, code blocks with their output and
+    sub-calls, final answer) plus ``rlm_id``, the RLM's own run id (``run_id`` is the root's)."""
 
     run_id: str
-    kind: Literal["iteration", "subcalls", "done"]
+    kind: Literal["iteration", "subcalls", "done", "iteration_done"]
     depth: int
     iteration: int
     max_iterations: int
@@ -64,6 +68,7 @@ class RunEvent:
     subcalls_started: int
     tokens: int
     cost_usd: float | None
+    detail: Mapping[str, Any] | None = None
 
     @property
     def message(self) -> str:
@@ -197,8 +202,8 @@ class RlmEngine:
             cost_usd=budget.cost_usd, elapsed_s=round(budget.elapsed_s, 3),
             trajectory_path=str(self.trajectory_path(tree.run_id)), notes=list(tree.notes))
 
-    def _emit(self, tree: _Tree, kind: Literal["iteration", "subcalls", "done"], depth: int, iteration: int,
-              force: bool = False) -> None:
+    def _emit(self, tree: _Tree, kind: Literal["iteration", "subcalls", "done", "iteration_done"], depth: int,
+              iteration: int, force: bool = False, detail: Mapping[str, Any] | None = None) -> None:
         if tree.on_event is None:
             return
         now = time.monotonic()
@@ -208,7 +213,7 @@ class RlmEngine:
         budget = tree.budget
         event = RunEvent(tree.run_id, kind, depth, iteration, tree.limits.max_iterations,
                          budget.subcalls_done, budget.subcalls_started,
-                         budget.input_tokens + budget.output_tokens, budget.cost_usd)
+                         budget.input_tokens + budget.output_tokens, budget.cost_usd, detail)
         try:
             tree.on_event(event)
         except Exception:  # a broken progress consumer must not end the run
@@ -340,16 +345,22 @@ class _Rlm:
         if op == "rlm_query" and self.depth < self.tree.limits.max_depth:
             text, usage = await self._child(prompt, model)
             used_model = model or self.model
+            tokens_in = tokens_out = 0  # a child RLM's tokens are in its own trajectory (usage_summary.tokens)
         elif op in ("llm_query", "rlm_query"):
             used_model = model or self.sub_model
             completion = await self.call_model("sub", used_model, [{"role": "user", "content": prompt}])
             text = completion.text
             usage = {"input_tokens": completion.input_tokens, "output_tokens": completion.output_tokens,
                      "cost_usd": completion.cost_usd}
+            tokens_in, tokens_out = completion.input_tokens, completion.output_tokens
         else:
             raise RlmError(f"unknown sub-call {op!r}")
+        # prompt_tokens / completion_tokens / execution_time: the reference visualizer's names;
+        # start_s (seconds since the root run started) lets the viewer draw sub-calls in flight.
         self.cell_calls.append({"root_model": used_model, "prompt": excerpt(prompt, 500),
                                 "response": excerpt(text, 500), "usage_summary": usage,
+                                "prompt_tokens": tokens_in, "completion_tokens": tokens_out,
+                                "start_s": round(started - self.tree.budget.started, 4),
                                 "execution_time": round(time.monotonic() - started, 4)})
         return text
 
@@ -415,16 +426,22 @@ class _Rlm:
             "stdout": result.stdout, "stderr": (result.stderr + ("\n" + result.error if result.error else "")).strip(),
             "locals": result.locals, "execution_time": round(result.elapsed, 4),
             "final_answer": result.final, "rlm_calls": self.cell_calls,
-            "state_lost": result.state_lost, "timed_out": result.timed_out}}
+            "state_lost": result.state_lost, "timed_out": result.timed_out,
+            "stdout_dropped": result.stdout_dropped, "stderr_dropped": result.stderr_dropped,
+            "notices": list(result.notices)}}
 
     def _log_iteration(self, new_messages: list[dict[str, str]], reply: Completion,
                        cells: list[dict[str, Any]], final: str | None, elapsed: float) -> None:
         assert self.trajectory is not None
-        self.trajectory.iteration({
+        record = {
             "iteration": self.iteration, "prompt": new_messages, "response": reply.text,
             "code_blocks": cells, "final_answer": final, "iteration_time": round(elapsed, 4),
             "usage": {"model": reply.model, "input_tokens": reply.input_tokens,
-                      "output_tokens": reply.output_tokens, "cost_usd": reply.cost_usd}})
+                      "output_tokens": reply.output_tokens, "cost_usd": reply.cost_usd}}
+        self.trajectory.iteration(record)
+        if self.tree.on_event is not None:  # e.g. `rlm-mcp run --verbose`
+            self.engine._emit(self.tree, "iteration_done", self.depth, self.iteration, force=True,
+                              detail={**record, "rlm_id": self.run_id})
 
     def finish(self, status: str, answer: str | None, limit: str | None, error: str | None) -> None:
         if self.trajectory is None:

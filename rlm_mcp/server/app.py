@@ -17,6 +17,7 @@ from rlm_mcp.server.http import (
     http_app,
     http_auth,
 )
+from rlm_mcp.server.pages import view_base_url
 from rlm_mcp.server.tools import build_server
 from rlm_mcp.services import Services
 
@@ -28,7 +29,7 @@ def serve(settings: Settings, transport: str = "stdio", host: str = "127.0.0.1",
     # The token rule first: a refused bind must not leave anything behind.
     auth = None if transport == "stdio" else http_auth(settings, host, port)
     services = Services.create(settings)
-    server = build_server(services)
+    server = build_server(services, view_base=None if auth is None else view_base_url(host, port))
     closed = asyncio.Event()
 
     async def close() -> None:
@@ -38,7 +39,7 @@ def serve(settings: Settings, transport: str = "stdio", host: str = "127.0.0.1",
             if auth is not None:
                 forget_generated_token(auth)
 
-    app = None if auth is None else OnShutdown(http_app(server, transport, host, auth), close)
+    app = None if auth is None else OnShutdown(http_app(server, transport, host, auth, services, port), close)
 
     async def main() -> None:
         # What servers that died left behind (containers, temporary directories), off the loop.

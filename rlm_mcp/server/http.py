@@ -18,6 +18,8 @@ from mcp.server.transport_security import TransportSecuritySettings
 from rlm_mcp.config import Settings
 from rlm_mcp.errors import ConfigError
 from rlm_mcp.private import private_dir, write_private_text
+from rlm_mcp.server.pages import RunPages
+from rlm_mcp.services import Services
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
@@ -107,7 +109,9 @@ def announce(transport: str, host: str, port: int, auth: HttpAuth) -> str:
     url = f"http://{shown_host}:{port}{'/sse' if transport == 'sse' else '/mcp'}"
     name = "SSE" if transport == "sse" else "streamable HTTP"
     lines = [f"rlm-mcp: serving MCP ({name}) at {url}"]
+    runs = f"http://{shown_host}:{port}/runs"
     if auth.token is None:
+        lines.append(f"rlm-mcp: runs viewer at {runs}")
         lines.append("rlm-mcp: WARNING: no token (--no-auth): every local user can use this server, "
                      "and read any file it can read")
         return "\n".join(lines) + "\n"
@@ -119,17 +123,40 @@ def announce(transport: str, host: str, port: int, auth: HttpAuth) -> str:
         lines.append("rlm-mcp: token: the value of RLM_MCP_AUTH_TOKEN")
         header = "Authorization: Bearer $RLM_MCP_AUTH_TOKEN"
     lines.append(f"rlm-mcp: send it with every request as the header  {header}")
+    lines.append(f"rlm-mcp: runs viewer at {runs}?token={auth.token if auth.generated else '$RLM_MCP_AUTH_TOKEN'} "
+                 "(once per browser: a cookie keeps you in)")
     lines.append(f"rlm-mcp: e.g. claude mcp add --transport {'sse' if transport == 'sse' else 'http'} rlm {url} "
                  f"--header \"{header}\"")
     return "\n".join(lines) + "\n"
 
 
-def http_app(server: MCPServer, transport: str, host: str, auth: HttpAuth) -> Any:
-    """The Starlette app for sse/http, with the bind rules applied."""
-    if is_loopback(host):
+def host_names(host: str) -> set[str] | None:
+    """The Host names a loopback bind answers to (None for other binds: any name reaches them)."""
+    if not is_loopback(host):
+        return None
+    return {"127.0.0.1", "localhost", "[::1]", f"[{host}]" if ":" in host else host}
+
+
+def host_checker(host: str) -> Callable[[str], bool] | None:
+    """A check of a request's Host header against :func:`host_names` (None: no check)."""
+    names = host_names(host)
+    if names is None:
+        return None
+
+    def allowed(header: str) -> bool:
+        name = header[:header.index("]") + 1] if header.startswith("[") and "]" in header else header.rsplit(":", 1)[0]
+        return name.lower() in names
+    return allowed
+
+
+def http_app(server: MCPServer, transport: str, host: str, auth: HttpAuth,
+             services: Services | None = None, port: int | None = None) -> Any:
+    """The Starlette app for sse/http, with the bind rules applied; with ``services`` and
+    ``port``, the run viewer's pages (``/runs``) too, behind the same walls."""
+    names = host_names(host)
+    if names is not None:
         # The SDK turns DNS-rebinding protection on by itself only for the exact names
         # 127.0.0.1 / localhost / ::1; any loopback bind (127.0.0.2, ...) gets it explicitly.
-        names = {"127.0.0.1", "localhost", "[::1]", f"[{host}]" if ":" in host else host}
         security = TransportSecuritySettings(
             enable_dns_rebinding_protection=True,
             allowed_hosts=[f"{name}:*" for name in sorted(names)],
@@ -141,7 +168,10 @@ def http_app(server: MCPServer, transport: str, host: str, auth: HttpAuth) -> An
         app = server.sse_app(transport_security=security, host=host)
     else:
         app = server.streamable_http_app(transport_security=security, host=host)
-    return BearerAuth(app, auth.token) if auth.token else app
+    served: Any = BearerAuth(app, auth.token) if auth.token else app
+    if services is not None and port is not None:
+        served = RunPages(served, services, token=auth.token, port=port, host_allowed=host_checker(host))
+    return served
 
 
 class OnShutdown:

@@ -33,6 +33,8 @@ class CompleteResult(BaseModel):
     elapsed_s: float = 0.0
     trajectory_path: str | None = None
     next_step: str | None = None
+    view_url: str | None = Field(None, description="the run's viewer page on this server (HTTP transports)")
+    view_command: str | None = Field(None, description="the command that opens the run's viewer (stdio)")
 
 
 class TrajectoryPage(BaseModel):
@@ -46,6 +48,18 @@ class TrajectoryPage(BaseModel):
     iterations: list[dict[str, Any]]
     child_trajectories: list[str]
     path: str
+    view_url: str | None = Field(None, description="the run's viewer page on this server (HTTP transports)")
+    view_command: str | None = Field(None, description="the command that opens the run's viewer (stdio)")
+
+
+class RunView(BaseModel, extra="allow"):
+    """What rlm_get_run_view returns: the viewer's view-model (``rlm_mcp.viewer``, format
+    ``rlm-mcp-view/1``; its other fields pass through as they are), or ``unchanged``."""
+
+    run_id: str
+    etag: str
+    unchanged: bool = False
+    format: str | None = None
 
 
 def bounded(message: str, limit: int = ERROR_CHARS) -> str:

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp_types import CallToolResult, ToolAnnotations
+from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import Field
 
 from rlm_mcp import __version__
@@ -24,6 +24,7 @@ from rlm_mcp.server.results import (
     ERROR_CHARS,
     CompleteResult,
     ContextList,
+    RunView,
     TrajectoryPage,
     bounded,
     complete_result,
@@ -32,12 +33,21 @@ from rlm_mcp.server.results import (
     finished,
     reply,
 )
+from rlm_mcp.server.pages import view_links
 from rlm_mcp.services import INLINE_CONTEXT_CHARS, Services
 from rlm_mcp.store import ContextInfo, ContextPage
+from rlm_mcp.viewer import APP_RESOURCE_URI, MCP_APP_MIME, VIEW_TOOL, app_html, build_view, view_etag
 
 log = logging.getLogger(__name__)
 
 ANSWER_META = {"anthropic/maxResultSizeChars": 500_000}
+# MCP Apps (SEP-1865): hosts that render apps show the run viewer beside these tools' results;
+# "ui/resourceUri" is the extension's earlier, flat spelling, which some hosts still read.
+UI_META = {"ui": {"resourceUri": APP_RESOURCE_URI}, "ui/resourceUri": APP_RESOURCE_URI}
+# The app's own data tool: "visibility": ["app"] asks hosts to keep it from the model.
+VIEW_TOOL_META = {"ui": {"resourceUri": APP_RESOURCE_URI, "visibility": ["app"]},
+                  "anthropic/maxResultSizeChars": 2_000_000}
+VIEW_BUDGET_CHARS = 1_000_000  # excerpts in one rlm_get_run_view result (its JSON stays near 2 MB)
 
 INSTRUCTIONS = """\
 rlm-mcp answers questions over inputs far larger than your context window. Load the input \
@@ -47,12 +57,17 @@ rlm_complete returns status "running", call rlm_get_result with its run_id. \
 rlm_get_trajectory shows how an answer was reached."""
 
 
-def build_server(services: Services) -> MCPServer:
+def build_server(services: Services, view_base: str | None = None) -> MCPServer:
     """The MCP server with every tool, resource and prompt registered.
 
     ``services`` outlive MCP sessions (a run started over one HTTP session can be polled from
-    another); whoever created them closes them when the process stops serving.
+    another); whoever created them closes them when the process stops serving. ``view_base``:
+    the URL the run pages are served under (HTTP transports), for the results' ``view_url``.
     """
+
+    def linked(result: Any) -> Any:
+        """A result with where a person can see its run."""
+        return result.model_copy(update=view_links(view_base, result.run_id))
 
     def svc() -> Services:
         return services
@@ -146,7 +161,7 @@ def build_server(services: Services) -> MCPServer:
     @server.tool(title="Answer a question over a context with an RLM",
                  annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False,
                                              idempotent_hint=False, open_world_hint=True),
-                 meta=ANSWER_META)
+                 meta={**ANSWER_META, **UI_META})
     @guarded
     async def rlm_complete(
         ctx: Context,
@@ -184,10 +199,10 @@ def build_server(services: Services) -> MCPServer:
         except asyncio.CancelledError:
             await services.runs.cancel(run.run_id)
             raise
-        result = complete_result(run)
+        result = linked(complete_result(run))
         return reply(result, complete_summary(result), ANSWER_META)
 
-    @server.tool(title="Get (or wait for) a run's result", annotations=read_only, meta=ANSWER_META)
+    @server.tool(title="Get (or wait for) a run's result", annotations=read_only, meta={**ANSWER_META, **UI_META})
     @guarded
     async def rlm_get_result(
         ctx: Context,
@@ -198,9 +213,9 @@ def build_server(services: Services) -> MCPServer:
         services = svc()
         run = services.runs.runs.get(run_id)
         if run is None:
-            result = finished(await asyncio.to_thread(services.stored_result, run_id))
+            result = linked(finished(await asyncio.to_thread(services.stored_result, run_id)))
             return reply(result, complete_summary(result), ANSWER_META)
-        result = complete_result(await _wait_with_progress(services, run, ctx, wait_s))
+        result = linked(complete_result(await _wait_with_progress(services, run, ctx, wait_s)))
         return reply(result, complete_summary(result), ANSWER_META)
 
     @server.tool(title="Cancel a run", annotations=ToolAnnotations(destructive_hint=True, open_world_hint=False))
@@ -214,7 +229,7 @@ def build_server(services: Services) -> MCPServer:
             result = finished(await asyncio.to_thread(services.stored_result, run_id))
         return reply(result, complete_summary(result))
 
-    @server.tool(title="Inspect how a run reached its answer", annotations=read_only)
+    @server.tool(title="Inspect how a run reached its answer", annotations=read_only, meta=UI_META)
     @guarded
     async def rlm_get_trajectory(
         run_id: Annotated[str, Field(description="the run_id from rlm_complete")],
@@ -231,7 +246,7 @@ def build_server(services: Services) -> MCPServer:
                 raise ConfigError(f"run {run_id} has not written its first iteration yet (it is queued or "
                                   "starting): call rlm_get_trajectory again shortly")
             raise ConfigError(f"no trajectory for run_id {run_id!r}: use a run_id returned by rlm_complete")
-        page = TrajectoryPage(**await asyncio.to_thread(trajectory_page, path, offset, limit, detail))
+        page = linked(TrajectoryPage(**await asyncio.to_thread(trajectory_page, path, offset, limit, detail)))
         more = f" Next page: offset={page.next_offset}." if page.next_offset is not None else ""
         lines = [f"Run {page.run_id} ({page.status}), iterations {page.offset + 1}-{page.offset + len(page.iterations)} "
                  f"of {page.total_iterations}.{more} Full log: {page.path}"]
@@ -241,6 +256,40 @@ def build_server(services: Services) -> MCPServer:
                          f"{item.get('subcalls')} sub-calls" + (f"; {reasoning}" if reasoning else "")
                          + ("; FINAL ANSWER" if item.get("final_answer") is not None else ""))
         return reply(page, "\n".join(lines))
+
+    @server.tool(name=VIEW_TOOL, title="The run viewer's data (for the MCP App)", annotations=read_only,
+                 meta=VIEW_TOOL_META)
+    @guarded
+    async def rlm_get_run_view(
+        run_id: Annotated[str, Field(description="the run_id from rlm_complete")],
+        etag: Annotated[str | None, Field(description="the etag of the view the app already shows")] = None,
+    ) -> Annotated[CallToolResult, RunView]:
+        """The run viewer's data for one run (used by the rlm-mcp MCP App; the text tools show the
+        same run to a model: rlm_get_result, rlm_get_trajectory)."""
+        services = svc()
+        path = await asyncio.to_thread(services.runs.trajectory, run_id)  # checks the id, settles a dead run
+        if path is None:
+            raise ConfigError(f"run {run_id} has no trajectory yet (queued or starting): call again shortly"
+                              if run_id in services.runs.runs else
+                              f"no trajectory for run_id {run_id!r}: use a run_id returned by rlm_complete")
+        directory = services.engine.trajectory_dir
+        current = await asyncio.to_thread(view_etag, directory, run_id)
+        if etag is not None and etag == current:
+            return CallToolResult(content=[TextContent(type="text", text=f"Run {run_id}: unchanged.")],
+                                  structured_content={"run_id": run_id, "etag": current, "unchanged": True})
+        view = await asyncio.to_thread(functools.partial(build_view, directory, run_id,
+                                                         budget_chars=VIEW_BUDGET_CHARS))
+        root = view["root"]
+        return CallToolResult(content=[TextContent(type="text", text=(
+            f"Run {run_id} ({root['status']}): {len(root['iterations'])} iterations, "
+            f"{len(root['children'])} child RLMs."))], structured_content=view)
+
+    @server.resource(APP_RESOURCE_URI, name="run-viewer", title="RLM run viewer", mime_type=MCP_APP_MIME,
+                     description="The run viewer as an MCP App (SEP-1865): shows a run beside rlm_complete, "
+                                 "rlm_get_result and rlm_get_trajectory results",
+                     meta={"ui": {"prefersBorder": True}})
+    def run_viewer_app() -> str:
+        return app_html()
 
     @server.resource("rlm://contexts/{handle}", name="context", mime_type="application/json",
                      description="A stored context's metadata and preview")
@@ -288,6 +337,8 @@ class _ProgressForwarder:
         self.tasks: set[asyncio.Task[None]] = set()
 
     def __call__(self, event: RunEvent) -> None:
+        if event.kind == "iteration_done":  # a trajectory line, for the CLI's --verbose: not progress
+            return
         self.count += 1
         task = asyncio.get_running_loop().create_task(self._send(self.count, event.message))
         self.tasks.add(task)

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from rlm_mcp.engine.replies import code_blocks, prose
+from rlm_mcp.engine.runs import SERVER_STOPPED
+from rlm_mcp.engine.trajectory import process_gone
 from rlm_mcp.errors import ConfigError, RunNotFound
 
 VIEW_FORMAT = "rlm-mcp-view/1"
@@ -84,6 +86,17 @@ def cut(text: str, limit: int) -> str:
     if len(body) <= limit:
         return text
     return body[:limit] + f"... [+{len(body) - limit + already:,} chars]"
+
+
+def _outcome(meta: dict[str, Any]) -> tuple[str, Any]:
+    """(status, error) of a metadata line. "running" written by a server that has since stopped
+    is shown as the tools report it (failed, the server stopped during the run); the file is
+    left as it is: the next server settles it, and a page may be opened on another machine's copy."""
+    status = _str(meta.get("status")) or ("running" if not meta else "unknown")
+    owner = meta.get("server")
+    if status == "running" and isinstance(owner, str) and process_gone(owner):
+        return "failed", meta.get("error") or SERVER_STOPPED
+    return status, meta.get("error")
 
 
 def _timestamp(value: Any) -> float | None:
@@ -202,7 +215,7 @@ def _lengths(raws: Iterable[_Raw]) -> dict[str, list[int]]:
         meta = raw.metadata
         add("query", meta.get("query"))
         add("answer", meta.get("answer"))
-        add("error", meta.get("error"))
+        add("error", _outcome(meta)[1])
         for record in raw.records:
             add("prose", record.get("response"))
             add("final", record.get("final_answer"))
@@ -278,7 +291,7 @@ class _Builder:
         started = _timestamp(meta.get("started_at"))
         finished = _timestamp(meta.get("finished_at"))
         elapsed = _num(meta.get("elapsed_s"))
-        status = _str(meta.get("status")) or ("running" if not raw.metadata else "unknown")
+        status, error = _outcome(meta)
         # Most sub-calls use one model: name it once per node, and only the exceptions per call.
         calls = [call for it in iterations for block in it["blocks"] for call in block["calls"]]
         counted = Counter(call.get("model") for call in calls if call.get("model"))
@@ -293,7 +306,7 @@ class _Builder:
             "status": status,
             "query": self.text("query", meta.get("query")),
             "answer": self.optional("answer", meta.get("answer")),
-            "error": self.optional("error", meta.get("error")),
+            "error": self.optional("error", error),
             "limit": _str(meta.get("limit")) or None,
             "model": _str(meta.get("root_model")) or None,
             "other_models": [_str(m) for m in _list(meta.get("other_backends"))][:10],
@@ -528,7 +541,7 @@ def run_summaries(directory: str | Path, limit: int = 50) -> list[dict[str, Any]
         known = [c for c in costs if c is not None]
         summaries.append({
             "run_id": path.name.removesuffix(".jsonl"),
-            "status": _str(meta.get("status")) or "unknown",
+            "status": _outcome(meta)[0] if meta else "unknown",
             "query": cut(" ".join(_str(meta.get("query")).split()), 160),
             "started_at": _str(meta.get("started_at")) or None,
             "elapsed_s": _num(meta.get("elapsed_s")),

@@ -68,7 +68,8 @@ async def test_tools_are_listed_with_valid_names_descriptions_and_annotations(se
     async with connect(services) as client:
         tools = {tool.name: tool for tool in (await client.list_tools()).tools}
         assert set(tools) == {"rlm_load_context", "rlm_list_contexts", "rlm_delete_context", "rlm_peek_context",
-                              "rlm_complete", "rlm_get_result", "rlm_cancel", "rlm_get_trajectory"}
+                              "rlm_complete", "rlm_get_result", "rlm_cancel", "rlm_get_trajectory",
+                              "rlm_get_run_view"}
         for name, tool in tools.items():
             assert re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", name)
             assert tool.description and tool.annotations is not None and tool.output_schema is not None

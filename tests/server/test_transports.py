@@ -40,7 +40,7 @@ from tests.conftest import haystack
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = {"rlm_load_context", "rlm_list_contexts", "rlm_delete_context", "rlm_peek_context",
-         "rlm_complete", "rlm_get_result", "rlm_cancel", "rlm_get_trajectory"}
+         "rlm_complete", "rlm_get_result", "rlm_cancel", "rlm_get_trajectory", "rlm_get_run_view"}
 QUESTION = "What is the secret code?"
 PROCESS_TIMEOUT_S = 120  # any single subprocess call
 READY_TIMEOUT_S = 60  # an HTTP server announcing it listens
