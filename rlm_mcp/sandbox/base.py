@@ -17,6 +17,8 @@ from rlm_mcp.errors import SandboxError
 
 ContextKind = Literal["text", "documents"]
 
+STDERR_TAIL_LINES = 20  # a worker's last stderr lines, kept by every backend to say why it stopped
+
 
 def image_definitions() -> Path:
     """The sandbox image definitions (``Dockerfile``, ``build-base-offline.sh``, ``daytona/``),

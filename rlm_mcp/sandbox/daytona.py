@@ -60,7 +60,7 @@ from daytona.common.errors import (
 
 from rlm_mcp.config import Settings
 from rlm_mcp.errors import ConfigError, SandboxError
-from rlm_mcp.sandbox.base import Sandbox, SandboxSpec, image_definitions
+from rlm_mcp.sandbox.base import STDERR_TAIL_LINES, Sandbox, SandboxSpec, image_definitions
 from rlm_mcp.sandbox.channel import WORKER_SCRIPT, ProtocolError, WorkerGone, WorkerSandbox, WorkerTransport, message_too_large
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,6 @@ DEFAULT_SNAPSHOT = "rlm-mcp-sandbox"
 SNAPSHOT_DISK_GB = 3
 SANDBOX_LABEL = {"rlm-mcp": "sandbox"}
 REMOTE_DIR = ".rlm-mcp"  # relative paths resolve against the sandbox's working directory
-STDERR_TAIL_LINES = 20
 RATE_LIMIT_RETRIES = 3
 LOG_STREAM_RECONNECTS = 3
 

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from rlm_mcp.config import Settings
 from rlm_mcp.errors import SandboxError
-from rlm_mcp.sandbox.base import CellResult, Sandbox, SandboxSpec
+from rlm_mcp.sandbox.base import STDERR_TAIL_LINES, CellResult, Sandbox, SandboxSpec
 from rlm_mcp.sandbox.channel import WORKER_SCRIPT, WorkerGone, WorkerSandbox, WorkerTransport, describe_stop
 from rlm_mcp.sandbox.leftovers import dead_owner_in_name, owned_temp_prefix, owner_dir_name
 from rlm_mcp.sandbox.processes import Group, GroupLimits, GroupMaker, kill_tree
@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 # The pipe readers' buffer limit: protocol lines are read in pieces of at most this (so a
 # message is never held beyond its own cap plus one piece), and it bounds one stderr line.
 LINE_LIMIT = 4 << 20
-STDERR_TAIL_LINES = 20
 STDERR_LINE_BYTES = 2_000  # per kept line: the last 3 reach the model when a worker dies
 STDERR_CHUNK = 1 << 16
 
