@@ -52,6 +52,28 @@ class Fault:
 Reply = str | Fault | Callable[[list[dict[str, Any]]], str]
 
 
+class Gate:
+    """A scripted reply held until the test opens it: a run that must still be running (or a
+    run behind it still queued) when the test looks, without racing the clock.
+
+    ``arrived`` is set once the request is in; a gate never opened gives its text after
+    ``timeout_s`` so a failed test does not leave a server thread waiting forever."""
+
+    def __init__(self, text: str, timeout_s: float = 120.0) -> None:
+        self.text = text
+        self.timeout_s = timeout_s
+        self.arrived = threading.Event()
+        self._open = threading.Event()
+
+    def open(self) -> None:
+        self._open.set()
+
+    def __call__(self, messages: list[dict[str, Any]]) -> str:
+        self.arrived.set()
+        self._open.wait(self.timeout_s)
+        return self.text
+
+
 @dataclass
 class Stats:
     calls: int = 0

@@ -28,7 +28,7 @@ from rlm_mcp.engine import runs as runs_module
 from rlm_mcp.engine.prompts import ContextShape
 from rlm_mcp.sandbox import ContextFile
 from rlm_mcp.server import Services, build_server
-from rlm_mcp.testing.model_server import CHUNK_CHARS
+from rlm_mcp.testing.model_server import CHUNK_CHARS, Gate
 from tests.conftest import haystack
 
 
@@ -152,12 +152,17 @@ async def test_delete_removes_the_handle(services):
 
 
 async def test_a_long_run_returns_running_then_get_result_waits_for_it(services, model_server):
-    async with connect(services) as client:
-        model_server.script("patient", ["```repl\nimport time\ntime.sleep(1.5)\n```", "FINAL(worth the wait)"])
-        started = await call(client, "rlm_complete", query="q", context="tiny", model="openai/patient", wait_s=0.2)
-        assert started["status"] == "running" and "rlm_get_result" in started["next_step"]
-        done = await call(client, "rlm_get_result", run_id=started["run_id"], wait_s=60)
-        assert (done["status"], done["answer"]) == ("completed", "worth the wait")
+    gate = Gate("FINAL(worth the wait)")  # the model's reply is held until the test opens it
+    model_server.script("patient", ["```repl\nprint('working')\n```", gate])
+    try:
+        async with connect(services) as client:
+            started = await call(client, "rlm_complete", query="q", context="tiny", model="openai/patient", wait_s=0.2)
+            assert started["status"] == "running" and "rlm_get_result" in started["next_step"]
+            gate.open()
+            done = await call(client, "rlm_get_result", run_id=started["run_id"], wait_s=60)
+            assert (done["status"], done["answer"]) == ("completed", "worth the wait")
+    finally:
+        gate.open()
 
 
 async def test_rlm_cancel_stops_a_running_run(services, model_server):
@@ -193,15 +198,19 @@ async def test_client_cancellation_stops_the_run(services, model_server, mode):
 
 async def test_runs_beyond_the_cap_queue_and_then_complete(settings, model_server):
     services = Services.create(replace(settings, max_runs=1))
+    gate = Gate("FINAL(one)")
     try:
         async with Client(build_server(services)) as client:
-            model_server.script("first-in-line", ["```repl\nimport time\ntime.sleep(1)\n```", "FINAL(one)"])
+            model_server.script("first-in-line", [gate])  # holds the only run slot until opened
             first = await call(client, "rlm_complete", query="q", context="a", model="openai/first-in-line", wait_s=0.1)
+            await asyncio.wait_for(asyncio.to_thread(gate.arrived.wait, 60), 61)
             second = await call(client, "rlm_complete", query="q", context="b", model="openai/count", wait_s=0)
             assert (first["status"], second["status"]) == ("running", "queued")
+            gate.open()
             done = [await call(client, "rlm_get_result", run_id=r["run_id"], wait_s=60) for r in (first, second)]
             assert [d["status"] for d in done] == ["completed", "completed"]
     finally:
+        gate.open()
         await services.aclose()
 
 
