@@ -163,6 +163,7 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
         "max_cost_usd", "max_output_chars", "max_concurrency")})
     settings = replace(settings, limits=limits)
     engine = RlmEngine(settings)
+    engine.models.start_warm_up()  # litellm imports in a thread while the context loads
     # Check the model, sub-model and sandbox before copying a possibly huge input into the store.
     engine.prepare(RunRequest(query=args.question, context=ContextFile(None), shape=ContextShape("text", 0),
                               model=args.model, sub_model=args.sub_model, sandbox=args.sandbox, limits=limits))

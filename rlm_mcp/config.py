@@ -19,6 +19,7 @@ SANDBOX_NAMES = ("local", "docker", "daytona")
 MAX_MESSAGE_MB = 64  # one worker-to-host protocol message (a sub-call prompt, a cell result)
 MAX_SANDBOXES = 16   # live sandboxes per server, all runs and child RLMs together
 LOCAL_ISOLATION = ("auto", "bwrap", "none")
+MODEL_CLIENTS = ("auto", "litellm")
 LOCAL_UID = 65534  # uid and gid of local sandboxes when the server runs as root (nobody)
 
 
@@ -107,6 +108,8 @@ class Settings:
     allowed_models: tuple[str, ...] = ()
     model_timeout_s: float = 300.0
     model_retries: int = 3
+    model_client: str = "auto"  # auto: direct HTTP for openai/<name> + api_base; litellm: always litellm
+    adaptive_concurrency: bool = True
     max_runs: int = 4
     auth_token: str | None = None
     no_auth: bool = False
@@ -165,6 +168,9 @@ class Settings:
         isolation = (env.get("RLM_MCP_LOCAL_ISOLATION") or "auto").strip().lower()
         if isolation not in LOCAL_ISOLATION:
             raise ConfigError(f"RLM_MCP_LOCAL_ISOLATION must be one of {', '.join(LOCAL_ISOLATION)}, got {isolation!r}")
+        model_client = (env.get("RLM_MCP_MODEL_CLIENT") or "auto").strip().lower()
+        if model_client not in MODEL_CLIENTS:
+            raise ConfigError(f"RLM_MCP_MODEL_CLIENT must be one of {', '.join(MODEL_CLIENTS)}, got {model_client!r}")
         home = env.get("RLM_MCP_HOME")
         roots = tuple(Path(p).expanduser().resolve() for p in env.get("RLM_MCP_ALLOWED_ROOTS", "").split(os.pathsep) if p.strip())
         return cls(
@@ -178,6 +184,8 @@ class Settings:
             allowed_models=tuple(m.strip() for m in env.get("RLM_MCP_ALLOWED_MODELS", "").split(",") if m.strip()),
             model_timeout_s=reader.number("RLM_MCP_MODEL_TIMEOUT_S", 300.0),
             model_retries=reader.integer("RLM_MCP_MODEL_RETRIES", 3),
+            model_client=model_client,
+            adaptive_concurrency=reader.flag("RLM_MCP_ADAPTIVE_CONCURRENCY", True),
             max_runs=reader.integer("RLM_MCP_MAX_RUNS", 4, low=1),
             auth_token=env.get("RLM_MCP_AUTH_TOKEN") or None,
             no_auth=reader.flag("RLM_MCP_NO_AUTH", False),

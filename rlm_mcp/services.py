@@ -33,6 +33,7 @@ class Services:
     async def aclose(self) -> None:
         await self.runs.aclose()
         await self.engine.sandboxes.aclose()
+        await self.engine.models.aclose()
 
     def context_for(self, handle: str | None, handles: list[str] | None,
                     context: str | None) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
 from pydantic import BaseModel
@@ -92,3 +94,24 @@ class Budget:
 
     def record(self, completion: Completion) -> None:
         self.usage.setdefault(completion.model, ModelUsage()).add(completion)
+
+    @contextlib.asynccontextmanager
+    async def subcall(self) -> AsyncIterator[Callable[[Completion], None]]:
+        """``async with budget.subcall() as done: done(await model_call())``: one sub-call.
+
+        Waits for a slot, then checks the limits (after the wait: the calls before it have been
+        counted), counts it started and in flight; ``done(completion)`` records its usage and
+        counts it done. A call that raises is counted started, never done."""
+        async with self.slots:
+            self.check("sub")
+            self.subcalls_started += 1
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            finished: list[Completion] = []
+            try:
+                yield finished.append
+            finally:
+                self.in_flight -= 1
+        for completion in finished:
+            self.record(completion)
+            self.subcalls_done += 1

@@ -149,6 +149,9 @@ class RlmEngine:
     async def run(self, request: RunRequest, *, run_id: str | None = None,
                   on_event: Callable[[RunEvent], None] | None = None) -> RunResult:
         """Run to the end. Invalid requests raise; everything after start ends in a RunResult."""
+        # The model check needs litellm: wait for the warm-up off the loop (the cheap checks in
+        # prepare() ran already when the caller started the run).
+        await self.models.ready()
         model, sub_model, limits = self.prepare(request)
         run_id = run_id or unique_run_id()
         budget = Budget(limits)
@@ -321,17 +324,9 @@ class _Rlm:
             completion = await self.engine.models.complete(model, messages)
             budget.record(completion)
             return completion
-        async with budget.slots:
-            budget.check(kind)  # after the wait for a slot: the calls before it have been counted
-            budget.subcalls_started += 1
-            budget.in_flight += 1
-            budget.max_in_flight = max(budget.max_in_flight, budget.in_flight)
-            try:
-                completion = await self.engine.models.complete(model, messages)
-            finally:
-                budget.in_flight -= 1
-        budget.record(completion)
-        budget.subcalls_done += 1
+        async with budget.subcall() as done:
+            completion = await self.engine.models.complete(model, messages)
+            done(completion)
         self.engine._emit(self.tree, "subcalls", self.depth, self.iteration, force=budget.in_flight == 0)
         return completion
 

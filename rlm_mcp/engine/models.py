@@ -1,21 +1,32 @@
-"""Model calls through litellm: the only module that imports it.
+"""Model calls: through litellm (the only module that imports it), or, for OpenAI-compatible
+endpoints, over a direct HTTP path (:mod:`rlm_mcp.engine.openai_http`) that costs ~20x less CPU.
 
-litellm costs ~4 s and ~180 MB to import, so it is imported on first use, never on the
-server's start-up path. Its exceptions are mapped here to :class:`ModelError` with a message
-that says what to set or change.
+litellm costs ~2-4 s of CPU and ~200 MB to import, so it is imported in a background thread
+(:meth:`ModelClient.start_warm_up`, started by the server and the CLI as early as they can);
+code on the event loop waits for it with ``await ModelClient.ready()`` and never imports it
+itself. Both paths map their failures to :class:`ModelError` with the same messages (what to set
+or change), retry the same failures with the same backoff, and report the same usage and cost.
+Every attempt takes a slot from the provider's adaptive limiter (:mod:`rlm_mcp.engine.limiter`),
+so a provider answering 429 sees fewer calls instead of the same number of retries.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import gc
 import logging
 import os
 import random
+import threading
 import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from rlm_mcp.config import Settings
+from rlm_mcp.engine.limiter import AdaptiveLimiter, ProviderLimiters, Slot, provider_key, retry_after_s
 from rlm_mcp.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -26,6 +37,11 @@ KEY_HINT = ("set the provider's API key in the server's environment (e.g. OPENAI
 MODEL_HINT = ("use a litellm model string with its provider prefix, e.g. 'openai/gpt-4.1-mini', "
               "'anthropic/claude-sonnet-4-5', 'ollama/llama3.1', or 'openai/<name>' with "
               "RLM_MCP_API_BASE for any OpenAI-compatible server")
+OVERLOAD_STATUSES = frozenset({429, 503, 529})  # the provider says "fewer calls, please"
+MAX_BACKOFF_S = 8.0
+# Models litellm had no price for, which we registered with zero prices (litellm's table is
+# process-wide, so this is too): their cost is reported as null, never as 0.
+_REGISTERED_UNPRICED: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -44,9 +60,44 @@ class Models(Protocol):
     """What the engine needs of a model client: :class:`ModelClient` (litellm), or the scripted
     ``rlm_mcp.testing.fake_models.FakeModelClient`` in tests of the loop."""
 
+    def start_warm_up(self) -> None: ...
+
+    async def ready(self) -> None: ...
+
     def check_model(self, model: str | None) -> str: ...
 
+    def context_window(self, model: str) -> int | None: ...
+
     async def complete(self, model: str, messages: list[dict[str, str]]) -> Completion: ...
+
+
+@dataclass(eq=False)
+class Failure(Exception):
+    """One failed attempt, classified: the message users see, and whether to try again."""
+
+    message: str
+    retryable: bool
+    overloaded: bool = False  # 429/503/529: the limiter backs off
+    retry_after_s: float | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class Prices:
+    """USD per token for one model, read once from litellm's price table."""
+
+    input: float
+    output: float
+    input_above_200k: float | None = None
+    output_above_200k: float | None = None
+
+    def cost(self, input_tokens: int, output_tokens: int) -> float:
+        above = input_tokens > 200_000
+        per_in = self.input_above_200k if above and self.input_above_200k is not None else self.input
+        per_out = self.output_above_200k if above and self.output_above_200k is not None else self.output
+        return input_tokens * per_in + output_tokens * per_out
 
 
 def _load_litellm() -> Any:
@@ -62,57 +113,202 @@ def _load_litellm() -> Any:
     return litellm
 
 
-class ModelClient:
-    """Async completions for any litellm provider, with retries and error mapping."""
+def warm_up_litellm() -> Any:
+    """Import litellm and make its first real call cheap; blocking, for a worker thread.
 
-    def __init__(self, settings: Settings) -> None:
+    One ``mock_response`` completion (no network) imports the ~60 modules litellm loads lazily
+    on its first call (~0.1 s of CPU that would otherwise land on the event loop). Then
+    ``gc.freeze()``: the ~200 MB of long-lived objects the import leaves would otherwise be
+    walked by every full collection, 200-600 ms with the event loop stopped."""
+    litellm = _load_litellm()
+    try:
+        litellm.completion(model="openai/warm-up", messages=[{"role": "user", "content": "hi"}],
+                           mock_response="ok", api_key="warm-up-not-a-key")
+    except Exception as exc:  # only a warm-up: the first real call pays the lazy imports instead
+        log.debug("litellm warm-up call failed: %r", exc)
+    gc.freeze()
+    return litellm
+
+
+class ModelClient:
+    """Async completions for any litellm provider, with retries, error mapping and an adaptive
+    concurrency limit per provider (shared by every run that uses this client)."""
+
+    def __init__(self, settings: Settings, limiters: ProviderLimiters | None = None,
+                 loader: Callable[[], Any] = warm_up_litellm) -> None:
         self.settings = settings
+        self.limiters = limiters or ProviderLimiters(settings.limits.max_concurrency)
+        self._loader = loader
         self._litellm: Any = None
-        self._unpriced: set[str] = set()
+        self._warm: concurrent.futures.Future[Any] | None = None
+        self._warm_lock = threading.Lock()
+        self._prices: dict[str, Prices | None] = {}
+        self._windows: dict[str, int | None] = {}  # context windows, read once per model
+        self._direct: Any = None  # rlm_mcp.engine.openai_http.DirectClient, created on first use
+
+    # ----- warm-up: litellm is imported in a thread, never on the event loop ----------------
+
+    def start_warm_up(self) -> None:
+        """Start importing litellm in a daemon thread (once); returns at once.
+
+        A thread of its own, not the default executor: a multi-second import must not hold a
+        slot that ``asyncio.to_thread`` callers (context checks, file work) need meanwhile."""
+        with self._warm_lock:
+            if self._warm is not None:
+                return
+            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            self._warm = future
+
+        def work() -> None:
+            try:
+                future.set_result(self._loader())
+            except BaseException as exc:  # handed to whoever awaits ready()
+                future.set_exception(exc)
+
+        threading.Thread(target=work, name="rlm-mcp-litellm-warm-up", daemon=True).start()
+
+    @property
+    def is_ready(self) -> bool:
+        return self._litellm is not None
+
+    async def ready(self) -> None:
+        """Wait (off the event loop) until litellm is imported; starts the warm-up if needed."""
+        if self._litellm is not None:
+            return
+        self.start_warm_up()
+        assert self._warm is not None
+        try:
+            litellm = await asyncio.wrap_future(self._warm)
+        except Exception as exc:
+            raise ModelError(f"the model library (litellm) failed to load: {exc!r}; reinstall rlm-mcp") from exc
+        self._litellm = litellm
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """The blocking form of :meth:`ready`, for code that has no event loop."""
+        if self._litellm is None:
+            self.start_warm_up()
+            assert self._warm is not None
+            self._litellm = self._warm.result(timeout)
 
     @property
     def litellm(self) -> Any:
         if self._litellm is None:
-            self._litellm = _load_litellm()
+            raise RuntimeError("litellm is not loaded yet: await ModelClient.ready() first")
         return self._litellm
 
+    # ----- checks ---------------------------------------------------------------------------
+
     def check_model(self, model: str | None) -> str:
-        """Return the model string if litellm can route it, else raise ModelError."""
+        """Return the model string, or raise ModelError if it cannot be used.
+
+        Never imports: before the warm-up is done only the cheap checks run, and
+        :meth:`RlmEngine.run` checks again after ``await ready()``."""
         if not model or not model.strip():
             raise ModelError("no model configured: set RLM_MCP_MODEL (or pass model=...); " + MODEL_HINT)
+        if self._litellm is None:
+            return model
         try:
-            self.litellm.get_llm_provider(model=model, api_base=self.settings.api_base)
+            self._litellm.get_llm_provider(model=model, api_base=self.settings.api_base)
         except Exception as exc:  # litellm raises BadRequestError for unknown providers
             raise ModelError(f"unknown model {model!r}: {MODEL_HINT}") from exc
         return model
 
+    def context_window(self, model: str) -> int | None:
+        """Input tokens ``model`` accepts, from litellm's model table; None when it does not know."""
+        if model not in self._windows:
+            try:
+                info = self.litellm.get_model_info(model)
+                window = info.get("max_input_tokens") or info.get("max_tokens")
+            except Exception:  # litellm raises for models missing from its table
+                window = None
+            self._windows[model] = int(window) if isinstance(window, int) and window > 0 else None
+        return self._windows[model]
+
+    def uses_direct_path(self, model: str) -> bool:
+        """OpenAI-compatible endpoint (``openai/<name>`` with an api_base), unless forced to litellm."""
+        return (self.settings.model_client == "auto" and bool(self.settings.api_base)
+                and model.startswith("openai/") and len(model) > len("openai/"))
+
+    def limiter(self, model: str) -> AdaptiveLimiter:
+        return self.limiters.for_key(provider_key(model, self.settings.api_base))
+
+    # ----- calls ----------------------------------------------------------------------------
+
     async def complete(self, model: str, messages: list[dict[str, str]]) -> Completion:
         """One chat completion; retries 429, 5xx, timeouts and connection errors with backoff."""
-        litellm = self.litellm
+        await self.ready()
+        attempts = self.settings.model_retries + 1
+        for attempt in range(1, attempts + 1):
+            started = time.perf_counter()
+            async with self._slot(model) as slot:
+                try:
+                    reply = await self._attempt(model, messages)
+                except Failure as failure:
+                    if failure.overloaded:
+                        slot.overloaded(failure.retry_after_s)
+                    error = failure
+                else:
+                    slot.succeeded()
+                    input_tokens, output_tokens, cost = reply[1], reply[2], reply[3]
+                    return Completion(model, reply[0], input_tokens, output_tokens, cost,
+                                      time.perf_counter() - started)
+            if not error.retryable or attempt == attempts:
+                suffix = f" (after {attempt} attempts)" if attempt > 1 else ""
+                raise ModelError(error.message + suffix) from error.__cause__
+            delay = self._backoff(attempt, error)
+            log.warning("model call failed (%s); retry %d/%d in %.1fs", error.message, attempt,
+                        attempts - 1, delay)
+            if delay > 0:
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, model: str) -> AsyncIterator[Slot | _NoSlot]:
+        if not self.settings.adaptive_concurrency:
+            yield _NO_SLOT
+            return
+        async with self.limiter(model).slot() as slot:
+            yield slot
+
+    def _backoff(self, attempt: int, failure: Failure) -> float:
+        if self.settings.adaptive_concurrency and failure.overloaded and failure.retry_after_s is not None:
+            return 0.0  # the limiter pauses new attempts until Retry-After; waiting twice would be slower
+        delay = min(MAX_BACKOFF_S, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random())
+        if failure.retry_after_s is not None:
+            delay = max(delay, min(failure.retry_after_s, 60.0))
+        return delay
+
+    async def _attempt(self, model: str, messages: list[dict[str, str]]) -> tuple[str, int, int, float | None]:
+        """(text, input tokens, output tokens, cost) of one attempt, or raise Failure."""
+        if self.uses_direct_path(model):
+            if self._direct is None:
+                from rlm_mcp.engine.openai_http import DirectClient
+
+                self._direct = DirectClient(self.settings)
+            text, input_tokens, output_tokens = await self._direct.complete(model, messages)
+            return text, input_tokens, output_tokens, self._own_cost(model, input_tokens, output_tokens)
         kwargs: dict[str, Any] = {"timeout": self.settings.model_timeout_s, "num_retries": 0}
         if self.settings.api_base:
             kwargs["api_base"] = self.settings.api_base
         if self.settings.api_key:
             kwargs["api_key"] = self.settings.api_key
-        attempts = self.settings.model_retries + 1
-        for attempt in range(1, attempts + 1):
-            started = time.perf_counter()
-            try:
-                response = await litellm.acompletion(model=model, messages=messages, **kwargs)
-            except Exception as exc:
-                retryable, message = self._classify(model, exc)
-                if not retryable or attempt == attempts:
-                    suffix = f" (after {attempt} attempts)" if attempt > 1 else ""
-                    raise ModelError(message + suffix) from exc
-                delay = min(8.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random())
-                log.warning("model call failed (%s); retry %d/%d in %.1fs", message, attempt,
-                            attempts - 1, delay)
-                await asyncio.sleep(delay)
-                continue
-            return self._to_completion(model, response, time.perf_counter() - started)
-        raise AssertionError("unreachable")
+        self._register_if_unpriced(model)
+        try:
+            response = await self.litellm.acompletion(model=model, messages=messages, **kwargs)
+        except Exception as exc:
+            raise self._classify(model, exc) from exc
+        text, input_tokens, output_tokens = self._read_reply(model, response)
+        return text, input_tokens, output_tokens, self._litellm_cost(model, response)
 
-    def _to_completion(self, model: str, response: Any, elapsed: float) -> Completion:
+    async def aclose(self) -> None:
+        """Close the direct path's connections (litellm keeps its own, process-wide)."""
+        if self._direct is not None:
+            await self._direct.aclose()
+
+    # ----- replies and prices ---------------------------------------------------------------
+
+    @staticmethod
+    def _read_reply(model: str, response: Any) -> tuple[str, int, int]:
         try:
             text = response.choices[0].message.content
         except (AttributeError, IndexError) as exc:
@@ -120,43 +316,125 @@ class ModelClient:
         if text is None:
             raise ModelError(f"{model} returned an empty reply (no text content)")
         usage = getattr(response, "usage", None)
-        input_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
-        output_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
-        return Completion(model, str(text), input_tokens, output_tokens, self._cost(model, response), elapsed)
+        return (str(text), int(getattr(usage, "prompt_tokens", 0) or 0),
+                int(getattr(usage, "completion_tokens", 0) or 0))
 
-    def _cost(self, model: str, response: Any) -> float | None:
-        """USD for one reply, from litellm's price tables; None when it has no price."""
-        hidden = getattr(response, "_hidden_params", None) or {}
-        if isinstance(hidden.get("response_cost"), (int, float)):
-            return float(hidden["response_cost"])  # litellm priced it already while logging
-        if model in self._unpriced:
-            return None  # pricing is ~3 ms of CPU per call: do not retry a known miss
+    def prices(self, model: str) -> Prices | None:
+        """litellm's prices for a model, read once per model; None when it has none."""
+        if model not in self._prices:
+            self._prices[model] = self._read_prices(model)
+        return self._prices[model]
+
+    def _read_prices(self, model: str) -> Prices | None:
         try:
-            return float(self.litellm.completion_cost(completion_response=response))
-        except Exception:
-            self._unpriced.add(model)
+            info = self.litellm.get_model_info(model)
+        except Exception:  # litellm raises for models it has no entry for
+            return None
+        input_price, output_price = info.get("input_cost_per_token"), info.get("output_cost_per_token")
+        if not isinstance(input_price, (int, float)) or not isinstance(output_price, (int, float)):
+            return None
+        if model in _REGISTERED_UNPRICED:
             return None
 
-    def _classify(self, model: str, exc: Exception) -> tuple[bool, str]:
-        """(retryable?, message for the user) for a litellm exception."""
+        def optional(key: str) -> float | None:
+            value = info.get(key)
+            return float(value) if isinstance(value, (int, float)) else None
+
+        return Prices(float(input_price), float(output_price), optional("input_cost_per_token_above_200k_tokens"),
+                      optional("output_cost_per_token_above_200k_tokens"))
+
+    def _register_if_unpriced(self, model: str) -> None:
+        """Give a model litellm cannot price zero prices, once: its per-reply cost step then
+        stops walking every fallback table (~0.5 ms of CPU per call). We report null, not 0."""
+        if model in _REGISTERED_UNPRICED or model in self._prices:
+            return
+        if self.prices(model) is None:
+            _REGISTERED_UNPRICED.add(model)
+            with contextlib.suppress(Exception):
+                self.litellm.register_model({model: {"input_cost_per_token": 0.0, "output_cost_per_token": 0.0,
+                                                     "litellm_provider": model.split("/", 1)[0],
+                                                     "mode": "chat"}})
+
+    def _litellm_cost(self, model: str, response: Any) -> float | None:
+        """litellm prices every reply itself (tier-aware) while building it: read that, never
+        call ``completion_cost`` again; null for a model it has no price for."""
+        if model in _REGISTERED_UNPRICED:
+            return None
+        hidden = getattr(response, "_hidden_params", None) or {}
+        cost = hidden.get("response_cost")
+        return float(cost) if isinstance(cost, (int, float)) else None
+
+    def _own_cost(self, model: str, input_tokens: int, output_tokens: int) -> float | None:
+        prices = self.prices(model)
+        return None if prices is None else prices.cost(input_tokens, output_tokens)
+
+    # ----- errors ---------------------------------------------------------------------------
+
+    def _classify(self, model: str, exc: Exception) -> Failure:
+        """The Failure for a litellm exception."""
         errors = self.litellm.exceptions
         detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        status = getattr(exc, "status_code", None)
+        headers = getattr(exc, "litellm_response_headers", None)
+        if headers is None:
+            headers = getattr(getattr(exc, "response", None), "headers", None)
+        wait = retry_after_s(headers) if isinstance(headers, Mapping) else None
         if isinstance(exc, errors.AuthenticationError) or "api_key" in str(exc).lower():
-            return False, f"{model}: authentication failed: {KEY_HINT}"
+            return auth_failure(model)
         if isinstance(exc, errors.ContextWindowExceededError):
-            return False, f"{model}: the prompt is longer than the model's context window ({detail})"
+            return context_failure(model, detail)
         if isinstance(exc, errors.RateLimitError):
-            return True, f"{model}: rate limited by the provider ({detail})"
+            return rate_limited(model, detail, wait)
         if isinstance(exc, errors.Timeout):
-            return True, f"{model}: no reply within {self.settings.model_timeout_s:g} s"
+            return timeout_failure(model, self.settings.model_timeout_s)
         if isinstance(exc, (errors.APIConnectionError, errors.InternalServerError,
                             errors.ServiceUnavailableError, errors.BadGatewayError)):
-            return True, f"{model}: provider unavailable ({detail})"
+            return unavailable(model, detail, status if isinstance(status, int) else None, wait)
         if isinstance(exc, errors.NotFoundError):
-            return False, f"{model}: the provider does not know this model ({detail}); {MODEL_HINT}"
+            return not_found(model, detail)
         if isinstance(exc, errors.BadRequestError) and "provider" in str(exc).lower():
-            return False, f"unknown model {model!r}: {MODEL_HINT}"
-        status = getattr(exc, "status_code", None)
+            return Failure(f"unknown model {model!r}: {MODEL_HINT}", retryable=False)
         if isinstance(status, int) and (status == 429 or status >= 500):
-            return True, f"{model}: provider error {status} ({detail})"
-        return False, f"{model}: {type(exc).__name__}: {detail}"
+            return unavailable(model, detail, status, wait)
+        return Failure(f"{model}: {type(exc).__name__}: {detail}", retryable=False)
+
+
+class _NoSlot:
+    """The slot when adaptive concurrency is off: reports go nowhere."""
+
+    def succeeded(self) -> None:
+        return None
+
+    def overloaded(self, retry_after_s: float | None = None) -> None:
+        return None
+
+
+_NO_SLOT = _NoSlot()
+
+
+# The messages users see, shared by both paths (litellm and direct).
+
+def auth_failure(model: str) -> Failure:
+    return Failure(f"{model}: authentication failed: {KEY_HINT}", retryable=False)
+
+
+def context_failure(model: str, detail: str) -> Failure:
+    return Failure(f"{model}: the prompt is longer than the model's context window ({detail})", retryable=False)
+
+
+def rate_limited(model: str, detail: str, wait: float | None) -> Failure:
+    return Failure(f"{model}: rate limited by the provider ({detail})", retryable=True, overloaded=True,
+                   retry_after_s=wait)
+
+
+def timeout_failure(model: str, timeout_s: float) -> Failure:
+    return Failure(f"{model}: no reply within {timeout_s:g} s", retryable=True)
+
+
+def unavailable(model: str, detail: str, status: int | None, wait: float | None) -> Failure:
+    return Failure(f"{model}: provider unavailable ({detail})", retryable=True,
+                   overloaded=status in OVERLOAD_STATUSES, retry_after_s=wait)
+
+
+def not_found(model: str, detail: str) -> Failure:
+    return Failure(f"{model}: the provider does not know this model ({detail}); {MODEL_HINT}", retryable=False)

@@ -122,6 +122,8 @@ class RunManager:
         except asyncio.CancelledError:
             run.result = self._cancelled(run)
             raise
+        except RlmError as exc:  # refused after the start, e.g. a model string litellm cannot route
+            run.result = RunResult(run_id=run.run_id, status="failed", error=str(exc))
         except Exception as exc:  # engine.run reports failures itself; this is a safety net
             log.exception("run %s crashed", run.run_id)
             run.result = RunResult(run_id=run.run_id, status="failed", error=f"internal error: {exc!r}")

@@ -47,6 +47,7 @@ class Fault:
     status: int = 500
     message: str = "scripted failure"
     delay_s: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)  # e.g. {"Retry-After": "1"}
 
 
 Reply = str | Fault | Callable[[list[dict[str, Any]]], str]
@@ -82,6 +83,7 @@ class Stats:
     in_flight: int = 0
     max_in_flight: int = 0
     prompt_chars: int = 0
+    refused: int = 0  # answered with the overload fault (more than max_in_flight at once)
     by_model: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     requests: list[dict[str, Any]] = field(default_factory=list)
 
@@ -178,13 +180,17 @@ def rlm_policy(policy: str, messages: list[dict[str, Any]]) -> str:
 class ScriptedModelServer:
     """Start with ``with ScriptedModelServer() as server:``; ``server.api_base`` is the URL."""
 
-    def __init__(self, latency_s: float = 0.0, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, latency_s: float = 0.0, host: str = "127.0.0.1", port: int = 0,
+                 max_in_flight: int | None = None, overload: Fault | None = None) -> None:
         self.latency_s = latency_s
         self.stats = Stats()
         self._scripts: dict[str, deque[Reply]] = defaultdict(deque)
         self._lock = threading.Lock()
         self._record = False
-        self._httpd = ThreadingHTTPServer((host, port), self._handler_class())
+        self.max_in_flight: int | None = None
+        self.overload = DEFAULT_OVERLOAD
+        self.set_capacity(max_in_flight, overload)
+        self._httpd = _Httpd((host, port), self._handler_class())
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
@@ -205,6 +211,15 @@ class ScriptedModelServer:
         """Queue replies for a model name (consumed in order; then the named policy applies)."""
         with self._lock:
             self._scripts[model].extend(replies)
+
+    def set_capacity(self, max_in_flight: int | None, overload: Fault | None = None) -> None:
+        """Refuse requests beyond ``max_in_flight`` at once with ``overload`` (default: 429 with
+        ``Retry-After``), as a provider's concurrency limit does; None serves everything."""
+        if max_in_flight is not None and max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        with self._lock:
+            self.max_in_flight = max_in_flight
+            self.overload = overload or DEFAULT_OVERLOAD
 
     def record_requests(self, on: bool = True) -> None:
         """Keep every request body in ``stats.requests`` (off by default: bodies can be large)."""
@@ -235,11 +250,13 @@ class ScriptedModelServer:
             def log_message(self, format: str, *args: Any) -> None:  # keep test output clean
                 return
 
-            def _send(self, status: int, body: dict[str, Any]) -> None:
+            def _send(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
                 data = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
 
@@ -274,19 +291,26 @@ class ScriptedModelServer:
             stats.root_calls += root
             stats.sub_calls += not root
             stats.in_flight += 1
+            refuse = self.max_in_flight is not None and stats.in_flight > self.max_in_flight
+            overload = self.overload
+            stats.refused += refuse
             stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
             stats.prompt_chars += prompt_chars
             stats.by_model[model] += 1
             if self._record:
                 stats.requests.append(body)
         try:
+            if refuse:
+                if overload.delay_s:
+                    time.sleep(overload.delay_s)
+                handler._send(overload.status, _error_body(overload), overload.headers)
+                return
             reply = self._next_reply(model, messages)
             delay = self.latency_s + (reply.delay_s if isinstance(reply, Fault) else 0.0)
             if delay:
                 time.sleep(delay)
             if isinstance(reply, Fault):
-                handler._send(reply.status, {"error": {"message": reply.message, "type": "scripted",
-                                                       "code": str(reply.status)}})
+                handler._send(reply.status, _error_body(reply), reply.headers)
                 return
             text = reply(messages) if callable(reply) else reply
             handler._send(200, {
@@ -305,13 +329,30 @@ class ScriptedModelServer:
                 stats.in_flight -= 1
 
 
+def _error_body(fault: Fault) -> dict[str, Any]:
+    return {"error": {"message": fault.message, "type": "scripted", "code": str(fault.status)}}
+
+
+DEFAULT_OVERLOAD = Fault(429, "rate limited: too many requests in flight", headers={"Retry-After": "0.5"})
+
+
+class _Httpd(ThreadingHTTPServer):
+    # The default listen backlog (5) overflows when 32 clients connect at once: the kernel then
+    # resets connections and clients see spurious connection errors.
+    request_queue_size = 128
+    daemon_threads = True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8321)
     parser.add_argument("--latency-ms", type=float, default=50.0)
+    parser.add_argument("--max-in-flight", type=int, default=None,
+                        help="answer 429 with Retry-After to requests beyond this many at once")
     args = parser.parse_args()
-    with ScriptedModelServer(args.latency_ms / 1000, args.host, args.port) as server:
+    with ScriptedModelServer(args.latency_ms / 1000, args.host, args.port,
+                             max_in_flight=args.max_in_flight) as server:
         print(f"scripted model server on {server.api_base}", flush=True)
         threading.Event().wait()
 
