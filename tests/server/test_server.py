@@ -230,8 +230,10 @@ async def test_resources_and_prompt_are_served(services):
     ("rlm_load_context", {}, "give exactly one of path, url or text"),
     ("rlm_load_context", {"path": "/x", "text": "y"}, "got path, text"),
     ("rlm_load_context", {"path": "/definitely/not/here.txt"}, "not/here.txt"),
-    ("rlm_load_context", {"url": "http://127.0.0.1:9/secret"}, "127.0.0.1"),
-    ("rlm_load_context", {"url": "ftp://example.org/file"}, "http"),
+    # the guard's own words: a connection error would also name 127.0.0.1
+    ("rlm_load_context", {"url": "http://127.0.0.1:9/secret"},
+     "refusing to fetch http://127.0.0.1:9/secret: 127.0.0.1 resolves to 127.0.0.1, a loopback address"),
+    ("rlm_load_context", {"url": "ftp://example.org/file"}, "only http:// and https:// URLs can be loaded, not ftp"),
     ("rlm_peek_context", {"handle": "ctx_0000000000000000"}, "unknown context handle"),
     ("rlm_complete", {"query": "q"}, "give exactly one of handle, handles or context"),
     ("rlm_complete", {"query": "q", "handle": "ctx_0000000000000000"}, "unknown context handle"),
