@@ -21,6 +21,11 @@ MAX_SANDBOXES = 16   # live sandboxes per server, all runs and child RLMs togeth
 LOCAL_ISOLATION = ("auto", "bwrap", "none")
 MODEL_CLIENTS = ("auto", "litellm")
 LOCAL_UID = 65534  # uid and gid of local sandboxes when the server runs as root (nobody)
+SESSION_TTL_S = 300.0           # a finished run's sandbox stays this long for follow-ups
+MAX_KEPT_SANDBOXES = 4          # idle sandboxes kept for follow-ups, server-wide ...
+KEPT_SANDBOXES_MEMORY_MB = 8192  # ... and the memory they may reserve (RLM_MCP_SANDBOX_MEMORY_MB each)
+COMPACTION_THRESHOLD = 0.85     # compact the root conversation at this share of the model's window
+MAX_PROMPT_FILE_CHARS = 100_000
 
 
 def default_home(environ: Mapping[str, str]) -> Path:
@@ -47,6 +52,7 @@ class Limits:
     max_cost_usd: float | None = None
     max_output_chars: int = 20_000
     max_concurrency: int = 32
+    max_errors: int | None = None  # consecutive failing code blocks that end the run
 
     def validated(self) -> "Limits":
         """Return self, or raise ConfigError naming the first absurd or contradictory value."""
@@ -60,6 +66,7 @@ class Limits:
             ("max_cost_usd", self.max_cost_usd, 0, 100_000),
             ("max_output_chars", self.max_output_chars, 100, 1_000_000),
             ("max_concurrency", self.max_concurrency, 1, 1024),
+            ("max_errors", self.max_errors, 1, 1000),
         ]
         for name, value, low, high in checks:
             if value is None:
@@ -134,6 +141,12 @@ class Settings:
     daytona_snapshot: str | None = None
     daytona_network_block_all: bool = True
     daytona_auto_stop_minutes: int = 15
+    session_ttl_s: float = SESSION_TTL_S
+    max_kept_sandboxes: int = MAX_KEPT_SANDBOXES
+    kept_sandboxes_memory_mb: int = KEPT_SANDBOXES_MEMORY_MB
+    context_window: int | None = None  # root model's window in tokens; None: litellm's model table
+    compaction_threshold: float = COMPACTION_THRESHOLD
+    system_prompt: str | None = None  # a template (see prompts.PLACEHOLDERS); None: the built-in one
     log_level: str = "INFO"
 
     @property
@@ -155,6 +168,7 @@ class Settings:
             max_cost_usd=reader.number("RLM_MCP_MAX_COST_USD", None),
             max_output_chars=reader.integer("RLM_MCP_MAX_OUTPUT_CHARS", 20_000),
             max_concurrency=reader.integer("RLM_MCP_MAX_CONCURRENCY", 32),
+            max_errors=reader.integer("RLM_MCP_MAX_ERRORS", None),
         )
         if reader.absent("RLM_MCP_CELL_TIMEOUT_S"):  # a short RLM_MCP_TIMEOUT_S alone lowers it too
             limits = limits.cell_within_run()
@@ -171,6 +185,11 @@ class Settings:
         model_client = (env.get("RLM_MCP_MODEL_CLIENT") or "auto").strip().lower()
         if model_client not in MODEL_CLIENTS:
             raise ConfigError(f"RLM_MCP_MODEL_CLIENT must be one of {', '.join(MODEL_CLIENTS)}, got {model_client!r}")
+        threshold = reader.number("RLM_MCP_COMPACTION_THRESHOLD", COMPACTION_THRESHOLD)
+        if threshold is not None and threshold > 1:
+            raise ConfigError(f"RLM_MCP_COMPACTION_THRESHOLD is a share of the context window from 0 (off) to 1, "
+                              f"got {threshold}")
+        prompt_file = (env.get("RLM_MCP_SYSTEM_PROMPT_FILE") or "").strip()
         home = env.get("RLM_MCP_HOME")
         roots = tuple(Path(p).expanduser().resolve() for p in env.get("RLM_MCP_ALLOWED_ROOTS", "").split(os.pathsep) if p.strip())
         return cls(
@@ -211,8 +230,27 @@ class Settings:
             daytona_snapshot=env.get("RLM_MCP_DAYTONA_SNAPSHOT") or None,
             daytona_network_block_all=reader.flag("RLM_MCP_DAYTONA_NETWORK_BLOCK_ALL", True),
             daytona_auto_stop_minutes=reader.integer("RLM_MCP_DAYTONA_AUTO_STOP_MINUTES", 15),
+            session_ttl_s=reader.number("RLM_MCP_SESSION_TTL_S", SESSION_TTL_S),
+            max_kept_sandboxes=reader.integer("RLM_MCP_MAX_KEPT_SANDBOXES", MAX_KEPT_SANDBOXES),
+            kept_sandboxes_memory_mb=reader.integer("RLM_MCP_KEPT_SANDBOXES_MEMORY_MB", KEPT_SANDBOXES_MEMORY_MB),
+            context_window=reader.integer("RLM_MCP_CONTEXT_WINDOW", None, low=1_000),
+            compaction_threshold=threshold,
+            system_prompt=read_prompt_file(prompt_file, "RLM_MCP_SYSTEM_PROMPT_FILE") if prompt_file else None,
             log_level=(env.get("RLM_MCP_LOG_LEVEL") or "INFO").upper(),
         )
+
+
+def read_prompt_file(path: str | Path, source: str) -> str:
+    """A system prompt template from a file (``source`` names the setting, for the error)."""
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"{source}: cannot read the system prompt file {str(path)!r}: {reason}") from None
+    if not text.strip() or len(text) > MAX_PROMPT_FILE_CHARS:
+        raise ConfigError(f"{source}: the system prompt file {str(path)!r} has {len(text):,} characters: it must "
+                          f"have some text and at most {MAX_PROMPT_FILE_CHARS:,}")
+    return text
 
 
 class _Reader:

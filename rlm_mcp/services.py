@@ -27,19 +27,22 @@ class Services:
     def create(cls, settings: Settings, engine: RlmEngine | None = None) -> Services:
         """Everything built from ``settings``; ``engine`` when the caller already made one (the
         CLI checks its request before the store is opened and a large input copied into it)."""
-        engine = engine or RlmEngine(settings)
+        engine = engine or RlmEngine(settings, keep_sandboxes=True)
         return cls(settings, ContextStore(settings), engine, RunManager(engine, settings.max_runs))
 
     async def aclose(self) -> None:
         await self.runs.aclose()
-        await self.engine.sandboxes.aclose()
+        await self.engine.aclose()
         await self.engine.models.aclose()
 
     def context_for(self, handle: str | None, handles: list[str] | None,
-                    context: str | None) -> dict[str, Any]:
+                    context: str | None, continue_from: str | None = None) -> dict[str, Any]:
         """The context of a run request from exactly one of a handle, a list of handles or
-        small inline text (blocking: inline text is stored first)."""
+        small inline text (blocking: inline text is stored first). With ``continue_from`` and
+        none of them, the earlier run's context is used (``{}``: the engine finds it)."""
         given = [n for n, v in (("handle", handle), ("handles", handles), ("context", context)) if v is not None]
+        if continue_from is not None and not given:
+            return {}
         if len(given) != 1:
             raise ConfigError("give exactly one of handle, handles or context"
                               + (f" (got {', '.join(given)})" if given else "; load large inputs with rlm_load_context first"))

@@ -51,6 +51,15 @@ class Budget:
         self.slots = asyncio.Semaphore(limits.max_concurrency)
         self.tripped: LimitExceeded | None = None
 
+    def resume(self, usage: dict[str, ModelUsage], subcalls: int, elapsed_s: float) -> None:
+        """Carry over what an earlier part of the same run used (a run continued after a limit):
+        the limits hold for both parts together."""
+        self.usage = {model: value.model_copy() for model, value in usage.items()}
+        self.subcalls_started = self.subcalls_done = subcalls
+        self.started -= elapsed_s
+        if self.limits.timeout_s is not None:
+            self.deadline = self.started + self.limits.timeout_s
+
     @property
     def input_tokens(self) -> int:
         return sum(u.input_tokens for u in self.usage.values())

@@ -30,6 +30,15 @@ def prose(reply: str) -> str:
     return ANY_FENCE.sub("", reply).strip()
 
 
+def substantive(reply: str, min_words: int = 4) -> str | None:
+    """The part of a reply worth reporting as a partial answer: its longest stretch of prose
+    outside code blocks, if that says something (a connective between two blocks, like "and",
+    is not an answer)."""
+    pieces = [piece.strip() for piece in ANY_FENCE.split(reply)]
+    pieces = [piece for piece in pieces if len(piece.split()) >= min_words]
+    return max(pieces, key=len) if pieces else None
+
+
 def final_directive(reply: str) -> FinalDirective | None:
     """A FINAL / FINAL_VAR line written outside any code block, if there is one."""
     text = ANY_FENCE.sub("", reply)

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from rlm_mcp.engine.budget import ModelUsage
 from rlm_mcp.engine.loop import RlmEngine, RunEvent, RunRequest, RunResult
 from rlm_mcp.engine.prompts import ContextShape
 from rlm_mcp.engine.trajectory import (
+    check_run_id,
     excerpt,
     now_iso,
     process_gone,
@@ -46,7 +46,6 @@ RUN_OVERHEAD_BYTES = 4_096          # a finished run's objects besides its strin
 QUERY_KEPT_CHARS = 1_000
 SERVER_STOPPED = "the server stopped during the run"
 FINISHED = ("completed", "limit_reached", "failed", "cancelled")
-RUN_ID = re.compile(r"run-\d{8}-\d{6}-[0-9a-f]{6}(?:\.\d{1,6}){0,8}")
 
 
 @dataclass
@@ -176,6 +175,7 @@ class RunManager:
                 answer = read_trajectory(path)[0].get("answer")
         event = run.last_event
         return RunResult(run_id=run.run_id, status="cancelled", answer=answer, error="the run was cancelled",
+                         partial=answer is not None,
                          iterations=event.iteration if event else 0,
                          subcalls=event.subcalls_done if event else 0,
                          elapsed_s=round(time.monotonic() - run.started_at, 3),
@@ -236,7 +236,9 @@ class RunManager:
         usage = {}
         with contextlib.suppress(pydantic.ValidationError, AttributeError, TypeError):
             usage = {model: ModelUsage.model_validate(value) for model, value in (meta.get("usage") or {}).items()}
-        return RunResult(run_id=run_id, status=status if status in FINISHED else "failed", answer=meta.get("answer"),
+        answer = meta.get("answer")
+        return RunResult(run_id=run_id, status=status if status in FINISHED else "failed", answer=answer,
+                         partial=answer is not None and status != "completed", continued_from=meta.get("continued_from"),
                          limit=meta.get("limit"), error=meta.get("error"), iterations=len(iterations),
                          subcalls=meta.get("subcalls") or 0, usage=usage, elapsed_s=meta.get("elapsed_s") or 0.0,
                          trajectory_path=str(path))
@@ -271,15 +273,6 @@ class RunManager:
             size += run.kept_bytes()
             if count > FINISHED_RUNS_KEPT or size > FINISHED_RUNS_MAX_BYTES:
                 del self.runs[run.run_id]
-
-
-def check_run_id(run_id: object) -> str:
-    """``run_id`` if it has the shape of a run id (a root run or a child RLM), else RunNotFound.
-    Checked before any file name is built from it."""
-    if isinstance(run_id, str) and RUN_ID.fullmatch(run_id):
-        return run_id
-    raise RunNotFound(f"{quoted(run_id)} is not a run id (they look like run-20260101-120000-a1b2c3, with "
-                      "'.1', '.2'... for child RLMs): use the run_id that rlm_complete returned")
 
 
 def settle(path: Path) -> bool:

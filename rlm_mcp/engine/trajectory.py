@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -19,10 +20,21 @@ from pathlib import Path
 from typing import Any
 
 from rlm_mcp.engine.replies import prose
+from rlm_mcp.errors import RunNotFound, quoted
 from rlm_mcp.private import open_private, private_dir
 from rlm_mcp.sandbox.processes import pid_alive
 
 EXCERPT_CHARS = 1_000
+RUN_ID = re.compile(r"run-\d{8}-\d{6}-[0-9a-f]{6}(?:\.\d{1,6}){0,8}")
+
+
+def check_run_id(run_id: object) -> str:
+    """``run_id`` if it has the shape of a run id (a root run or a child RLM), else RunNotFound.
+    Checked before any file name is built from it."""
+    if isinstance(run_id, str) and RUN_ID.fullmatch(run_id):
+        return run_id
+    raise RunNotFound(f"{quoted(run_id)} is not a run id (they look like run-20260101-120000-a1b2c3, with "
+                      "'.1', '.2'... for child RLMs): use the run_id that rlm_complete returned")
 
 
 def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:

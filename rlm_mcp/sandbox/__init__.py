@@ -9,7 +9,7 @@ import contextlib
 import importlib
 import itertools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Protocol
 
@@ -63,6 +63,13 @@ class SandboxSlots:
         self.peak = 0
         self._order = itertools.count()
         self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []  # (below, arrival, grant)
+        # Called when a sandbox is about to wait: the engine closes an idle kept sandbox (one
+        # kept for follow-up questions) so that it never makes a new run wait.
+        self.reclaim: Callable[[], None] | None = None
+
+    @property
+    def waiters(self) -> int:
+        return len(self._waiting)
 
     async def acquire(self, below: int) -> None:
         """Wait for a slot for a sandbox with ``below`` levels of children possible under it."""
@@ -75,6 +82,8 @@ class SandboxSlots:
         grant: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (below, next(self._order), grant)
         self._waiting.append(entry)
+        if self.reclaim is not None:
+            self.reclaim()
         try:
             await grant
         except BaseException:
