@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import builtins  # `list` in this module's class is ContextStore.list
 import hashlib
 import json
 import logging
@@ -333,7 +334,7 @@ class ContextStore:
 
     # ----- internals --------------------------------------------------------------------------
 
-    def _peek_view(self, handle: str, content: Path, docs: list[dict[str, Any]], start: int,
+    def _peek_view(self, handle: str, content: Path, docs: builtins.list[dict[str, Any]], start: int,
                    length: int) -> ContextPage:
         starts, offset = [], 0
         for doc in docs:
@@ -394,7 +395,7 @@ class ContextStore:
                 "(e.g. pdftotext for a PDF, or iconv -t UTF-8 for text in another encoding) and load "
                 "the text")
 
-    def _roots(self) -> list[Path]:
+    def _roots(self) -> builtins.list[Path]:
         return [Path(root).expanduser().resolve() for root in self.settings.allowed_roots]
 
     def _resolve_local(self, given: str, shown: str) -> Path:
@@ -426,7 +427,7 @@ class ContextStore:
         return resolved
 
     @staticmethod
-    def _open_regular(resolved: Path, shown: str, roots: list[Path] | None = None) -> BinaryIO:
+    def _open_regular(resolved: Path, shown: str, roots: builtins.list[Path] | None = None) -> BinaryIO:
         flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
         try:
             fd = os.open(resolved, flags)
@@ -450,7 +451,7 @@ class ContextStore:
         return os.fdopen(fd, "rb")
 
     def _load_stream(self, stream: BinaryIO, *, kind_shown: str, name: str, source: str, limit: int,
-                     max_bytes: int | None, notes: list[str]) -> ContextInfo:
+                     max_bytes: int | None, notes: builtins.list[str]) -> ContextInfo:
         writer = ContentWriter(self.root, "text")
         try:
             feed = Feed(writer, ByteBudget(limit, lambda cap: self._too_big(kind_shown, "is larger", cap, max_bytes)),
@@ -467,13 +468,13 @@ class ContextStore:
             raise
         return self._commit(writer, name=name, source=source, notes=notes)
 
-    def _load_directory(self, root: Path, shown: str, name: str, include: list[str],
-                        exclude: list[str], limit: int, max_bytes: int | None) -> ContextInfo:
+    def _load_directory(self, root: Path, shown: str, name: str, include: builtins.list[str],
+                        exclude: builtins.list[str], limit: int, max_bytes: int | None) -> ContextInfo:
         max_files = self.settings.max_files
         scan = DirectoryScan(root, include, exclude, self._roots(), stop_after=max_files * 2 + 1000)
         if not scan.files:
-            skipped = "; ".join(skip_notes(scan.skipped)) or "it is empty"
-            raise ContextError(f"{shown} has no files to load ({skipped}): check the include/exclude "
+            why = "; ".join(skip_notes(scan.skipped)) or "it is empty"
+            raise ContextError(f"{shown} has no files to load ({why}): check the include/exclude "
                                "patterns, or load a directory that contains text files")
         if len(scan.files) > max_files or scan.total > limit:
             more = "more than " if scan.incomplete else ""
@@ -519,7 +520,7 @@ class ContextStore:
             raise
         return self._commit(writer, name=name, source=str(root), notes=skip_notes(skipped), skipped=skipped)
 
-    def _commit(self, writer: ContentWriter, *, name: str, source: str, notes: list[str],
+    def _commit(self, writer: ContentWriter, *, name: str, source: str, notes: builtins.list[str],
                 skipped: dict[str, int] | None = None) -> ContextInfo:
         """Finish a load: write meta, rename the temp dir into place (or reuse an existing copy)."""
         try:
@@ -633,7 +634,7 @@ class ContextStore:
             raise self._unknown(handle)
         return meta
 
-    def _documents(self, handle: str) -> list[dict[str, Any]]:
+    def _documents(self, handle: str) -> builtins.list[dict[str, Any]]:
         with self._lock:
             cached = self._documents_cache.get(handle)
         if cached is None:
