@@ -16,23 +16,28 @@ from pathlib import Path
 from typing import Any
 
 from rlm_mcp import __version__
-from rlm_mcp.config import SANDBOX_NAMES, Settings
+from rlm_mcp.config import SANDBOX_NAMES, Limits, Settings
 from rlm_mcp.errors import RlmError
 
 log = logging.getLogger("rlm_mcp")
 
+SERVE_HOST = "127.0.0.1"
+SERVE_PORT = 8765
+
 
 def _limit_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("limits (defaults from RLM_MCP_* variables)")
-    group.add_argument("--max-iterations", type=int, help="root-model turns (default 30)")
-    group.add_argument("--max-depth", type=int, help="1 = no child RLMs; 2 = rlm_query starts children (default 1)")
-    group.add_argument("--cell-timeout", type=float, dest="cell_timeout_s", help="seconds per code block (default 300, or --timeout if lower)")
-    group.add_argument("--timeout", type=float, dest="timeout_s", help="seconds for the whole run (default 1800)")
+    d = Limits()  # the defaults shown are the ones config.py applies when a variable is unset
+    group.add_argument("--max-iterations", type=int, help=f"root-model turns (default {d.max_iterations})")
+    group.add_argument("--max-depth", type=int, help=f"1 = no child RLMs; 2 = rlm_query starts children (default {d.max_depth})")
+    group.add_argument("--cell-timeout", type=float, dest="cell_timeout_s",
+                       help=f"seconds per code block (default {d.cell_timeout_s:g}, or --timeout if lower)")
+    group.add_argument("--timeout", type=float, dest="timeout_s", help=f"seconds for the whole run (default {d.timeout_s:g})")
     group.add_argument("--max-subcalls", type=int, help="llm_query calls over the whole run tree")
     group.add_argument("--max-tokens", type=int, help="input+output tokens over the whole run tree")
     group.add_argument("--max-cost", type=float, dest="max_cost_usd", help="USD over the whole run tree")
-    group.add_argument("--max-output-chars", type=int, help="REPL output shown to the model per block (default 20000)")
-    group.add_argument("--concurrency", type=int, dest="max_concurrency", help="sub-calls in flight (default 32)")
+    group.add_argument("--max-output-chars", type=int, help=f"REPL output shown to the model per block (default {d.max_output_chars})")
+    group.add_argument("--concurrency", type=int, dest="max_concurrency", help=f"sub-calls in flight (default {d.max_concurrency})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve MCP (stdio by default)")
     serve.add_argument("--transport", choices=("stdio", "sse", "http"), default="stdio")
-    serve.add_argument("--host", default="127.0.0.1", help="bind address for sse/http (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--host", default=SERVE_HOST, help=f"bind address for sse/http (default {SERVE_HOST})")
+    serve.add_argument("--port", type=int, default=SERVE_PORT)
     serve.add_argument("--no-auth", action="store_true", default=None,
                        help="sse/http on a loopback address without a bearer token (RLM_MCP_NO_AUTH); by "
                             "default clients must send RLM_MCP_AUTH_TOKEN, or the token generated at start")
@@ -106,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
             transport = getattr(args, "transport", "stdio")
             if getattr(args, "no_auth", None):
                 settings = replace(settings, no_auth=True)
-            serve(settings, transport, getattr(args, "host", "127.0.0.1"), getattr(args, "port", 8765))
+            serve(settings, transport, getattr(args, "host", SERVE_HOST), getattr(args, "port", SERVE_PORT))
         elif args.command == "run":
             sys.exit(asyncio.run(_run(settings, args)))
         elif args.command == "view":

@@ -158,17 +158,20 @@ class Settings:
         """Read settings; raise ConfigError naming the variable for any malformed value."""
         env = os.environ if environ is None else environ
         reader = _Reader(env)
+        # The field defaults above are the one place each default is written; unset variables take them.
+        base = Limits()
+        d = cls(home=Path(), limits=base)
         limits = Limits(
-            max_iterations=reader.integer("RLM_MCP_MAX_ITERATIONS", 30),
-            max_depth=reader.integer("RLM_MCP_MAX_DEPTH", 1),
-            cell_timeout_s=reader.number("RLM_MCP_CELL_TIMEOUT_S", 300.0),
-            timeout_s=reader.number("RLM_MCP_TIMEOUT_S", 1800.0),
-            max_subcalls=reader.integer("RLM_MCP_MAX_SUBCALLS", None),
-            max_tokens=reader.integer("RLM_MCP_MAX_TOKENS", None),
-            max_cost_usd=reader.number("RLM_MCP_MAX_COST_USD", None),
-            max_output_chars=reader.integer("RLM_MCP_MAX_OUTPUT_CHARS", 20_000),
-            max_concurrency=reader.integer("RLM_MCP_MAX_CONCURRENCY", 32),
-            max_errors=reader.integer("RLM_MCP_MAX_ERRORS", None),
+            max_iterations=reader.integer("RLM_MCP_MAX_ITERATIONS", base.max_iterations),
+            max_depth=reader.integer("RLM_MCP_MAX_DEPTH", base.max_depth),
+            cell_timeout_s=reader.number("RLM_MCP_CELL_TIMEOUT_S", base.cell_timeout_s),
+            timeout_s=reader.number("RLM_MCP_TIMEOUT_S", base.timeout_s),
+            max_subcalls=reader.integer("RLM_MCP_MAX_SUBCALLS", base.max_subcalls),
+            max_tokens=reader.integer("RLM_MCP_MAX_TOKENS", base.max_tokens),
+            max_cost_usd=reader.number("RLM_MCP_MAX_COST_USD", base.max_cost_usd),
+            max_output_chars=reader.integer("RLM_MCP_MAX_OUTPUT_CHARS", base.max_output_chars),
+            max_concurrency=reader.integer("RLM_MCP_MAX_CONCURRENCY", base.max_concurrency),
+            max_errors=reader.integer("RLM_MCP_MAX_ERRORS", base.max_errors),
         )
         if reader.absent("RLM_MCP_CELL_TIMEOUT_S"):  # a short RLM_MCP_TIMEOUT_S alone lowers it too
             limits = limits.cell_within_run()
@@ -176,16 +179,16 @@ class Settings:
             limits.validated()
         except ConfigError as exc:
             raise ConfigError(f"invalid limit in the environment: {exc}") from None
-        sandbox = env.get("RLM_MCP_SANDBOX", "local").strip().lower() or "local"
+        sandbox = (env.get("RLM_MCP_SANDBOX") or "").strip().lower() or d.sandbox
         if sandbox not in SANDBOX_NAMES:
             raise ConfigError(f"RLM_MCP_SANDBOX must be one of {', '.join(SANDBOX_NAMES)}, got {sandbox!r}")
-        isolation = (env.get("RLM_MCP_LOCAL_ISOLATION") or "auto").strip().lower()
+        isolation = (env.get("RLM_MCP_LOCAL_ISOLATION") or "").strip().lower() or d.local_isolation
         if isolation not in LOCAL_ISOLATION:
             raise ConfigError(f"RLM_MCP_LOCAL_ISOLATION must be one of {', '.join(LOCAL_ISOLATION)}, got {isolation!r}")
-        model_client = (env.get("RLM_MCP_MODEL_CLIENT") or "auto").strip().lower()
+        model_client = (env.get("RLM_MCP_MODEL_CLIENT") or "").strip().lower() or d.model_client
         if model_client not in MODEL_CLIENTS:
             raise ConfigError(f"RLM_MCP_MODEL_CLIENT must be one of {', '.join(MODEL_CLIENTS)}, got {model_client!r}")
-        threshold = reader.number("RLM_MCP_COMPACTION_THRESHOLD", COMPACTION_THRESHOLD)
+        threshold = reader.number("RLM_MCP_COMPACTION_THRESHOLD", d.compaction_threshold)
         if threshold is not None and threshold > 1:
             raise ConfigError(f"RLM_MCP_COMPACTION_THRESHOLD is a share of the context window from 0 (off) to 1, "
                               f"got {threshold}")
@@ -201,42 +204,42 @@ class Settings:
             home=Path(home).expanduser() if home else default_home(env),
             limits=limits,
             allowed_models=tuple(m.strip() for m in env.get("RLM_MCP_ALLOWED_MODELS", "").split(",") if m.strip()),
-            model_timeout_s=reader.number("RLM_MCP_MODEL_TIMEOUT_S", 300.0),
-            model_retries=reader.integer("RLM_MCP_MODEL_RETRIES", 3),
+            model_timeout_s=reader.number("RLM_MCP_MODEL_TIMEOUT_S", d.model_timeout_s),
+            model_retries=reader.integer("RLM_MCP_MODEL_RETRIES", d.model_retries),
             model_client=model_client,
-            adaptive_concurrency=reader.flag("RLM_MCP_ADAPTIVE_CONCURRENCY", True),
-            max_runs=reader.integer("RLM_MCP_MAX_RUNS", 4, low=1),
+            adaptive_concurrency=reader.flag("RLM_MCP_ADAPTIVE_CONCURRENCY", d.adaptive_concurrency),
+            max_runs=reader.integer("RLM_MCP_MAX_RUNS", d.max_runs, low=1),
             auth_token=env.get("RLM_MCP_AUTH_TOKEN") or None,
-            no_auth=reader.flag("RLM_MCP_NO_AUTH", False),
+            no_auth=reader.flag("RLM_MCP_NO_AUTH", d.no_auth),
             allowed_roots=roots,
-            allow_private_urls=reader.flag("RLM_MCP_ALLOW_PRIVATE_URLS", False),
-            max_context_bytes=reader.integer("RLM_MCP_MAX_CONTEXT_BYTES", 2 * 1024**3, low=1),
-            max_inline_chars=reader.integer("RLM_MCP_MAX_INLINE_CHARS", 1_000_000, low=1),
-            max_files=reader.integer("RLM_MCP_MAX_FILES", 20_000, low=1),
-            url_timeout_s=reader.number("RLM_MCP_URL_TIMEOUT_S", 120.0),
+            allow_private_urls=reader.flag("RLM_MCP_ALLOW_PRIVATE_URLS", d.allow_private_urls),
+            max_context_bytes=reader.integer("RLM_MCP_MAX_CONTEXT_BYTES", d.max_context_bytes, low=1),
+            max_inline_chars=reader.integer("RLM_MCP_MAX_INLINE_CHARS", d.max_inline_chars, low=1),
+            max_files=reader.integer("RLM_MCP_MAX_FILES", d.max_files, low=1),
+            url_timeout_s=reader.number("RLM_MCP_URL_TIMEOUT_S", d.url_timeout_s),
             local_isolation=isolation,
-            local_uid=reader.integer("RLM_MCP_LOCAL_UID", LOCAL_UID, low=1),
-            sandbox_memory_mb=reader.integer("RLM_MCP_SANDBOX_MEMORY_MB", 4096, low=64),
-            sandbox_cpus=reader.number("RLM_MCP_SANDBOX_CPUS", 1.0),
-            sandbox_pids=reader.integer("RLM_MCP_SANDBOX_PIDS", 256, low=8),
-            max_message_mb=reader.integer("RLM_MCP_MAX_MESSAGE_MB", MAX_MESSAGE_MB, low=1),
+            local_uid=reader.integer("RLM_MCP_LOCAL_UID", d.local_uid, low=1),
+            sandbox_memory_mb=reader.integer("RLM_MCP_SANDBOX_MEMORY_MB", d.sandbox_memory_mb, low=64),
+            sandbox_cpus=reader.number("RLM_MCP_SANDBOX_CPUS", d.sandbox_cpus),
+            sandbox_pids=reader.integer("RLM_MCP_SANDBOX_PIDS", d.sandbox_pids, low=8),
+            max_message_mb=reader.integer("RLM_MCP_MAX_MESSAGE_MB", d.max_message_mb, low=1),
             # At least the deepest allowed max_depth: a run needs one sandbox per level to progress.
-            max_sandboxes=reader.integer("RLM_MCP_MAX_SANDBOXES", MAX_SANDBOXES, low=5),
-            docker_image=env.get("RLM_MCP_DOCKER_IMAGE") or "rlm-mcp-sandbox:latest",
-            docker_pool_size=reader.integer("RLM_MCP_DOCKER_POOL", 0),
+            max_sandboxes=reader.integer("RLM_MCP_MAX_SANDBOXES", d.max_sandboxes, low=5),
+            docker_image=env.get("RLM_MCP_DOCKER_IMAGE") or d.docker_image,
+            docker_pool_size=reader.integer("RLM_MCP_DOCKER_POOL", d.docker_pool_size),
             daytona_api_key=env.get("DAYTONA_API_KEY") or None,
             daytona_api_url=env.get("DAYTONA_API_URL") or None,
             daytona_target=env.get("DAYTONA_TARGET") or None,
             daytona_snapshot=env.get("RLM_MCP_DAYTONA_SNAPSHOT") or None,
-            daytona_network_block_all=reader.flag("RLM_MCP_DAYTONA_NETWORK_BLOCK_ALL", True),
-            daytona_auto_stop_minutes=reader.integer("RLM_MCP_DAYTONA_AUTO_STOP_MINUTES", 15),
-            session_ttl_s=reader.number("RLM_MCP_SESSION_TTL_S", SESSION_TTL_S),
-            max_kept_sandboxes=reader.integer("RLM_MCP_MAX_KEPT_SANDBOXES", MAX_KEPT_SANDBOXES),
-            kept_sandboxes_memory_mb=reader.integer("RLM_MCP_KEPT_SANDBOXES_MEMORY_MB", KEPT_SANDBOXES_MEMORY_MB),
-            context_window=reader.integer("RLM_MCP_CONTEXT_WINDOW", None, low=1_000),
+            daytona_network_block_all=reader.flag("RLM_MCP_DAYTONA_NETWORK_BLOCK_ALL", d.daytona_network_block_all),
+            daytona_auto_stop_minutes=reader.integer("RLM_MCP_DAYTONA_AUTO_STOP_MINUTES", d.daytona_auto_stop_minutes),
+            session_ttl_s=reader.number("RLM_MCP_SESSION_TTL_S", d.session_ttl_s),
+            max_kept_sandboxes=reader.integer("RLM_MCP_MAX_KEPT_SANDBOXES", d.max_kept_sandboxes),
+            kept_sandboxes_memory_mb=reader.integer("RLM_MCP_KEPT_SANDBOXES_MEMORY_MB", d.kept_sandboxes_memory_mb),
+            context_window=reader.integer("RLM_MCP_CONTEXT_WINDOW", d.context_window, low=1_000),
             compaction_threshold=threshold,
             system_prompt=read_prompt_file(prompt_file, "RLM_MCP_SYSTEM_PROMPT_FILE") if prompt_file else None,
-            log_level=(env.get("RLM_MCP_LOG_LEVEL") or "INFO").upper(),
+            log_level=(env.get("RLM_MCP_LOG_LEVEL") or d.log_level).upper(),
         )
 
 

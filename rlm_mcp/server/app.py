@@ -17,6 +17,7 @@ from rlm_mcp.server.http import (
     http_app,
     http_auth,
 )
+from rlm_mcp.server.stdio import exit_now, serve_stdio
 from rlm_mcp.server.pages import view_base_url
 from rlm_mcp.server.tools import build_server
 from rlm_mcp.services import Services
@@ -54,7 +55,10 @@ def serve(settings: Settings, transport: str = "stdio", host: str = "127.0.0.1",
             warm_up = asyncio.create_task(_warm_up(services))
         try:
             if app is None:
-                await server.run_stdio_async()
+                code = await serve_stdio(server, services)
+                # Runs are stopped and recorded: leave now, without the slow parts of the finally
+                # below (Docker's clean-up went to the reaper; see rlm_mcp/server/stdio.py).
+                exit_now(code)
             else:
                 import uvicorn
 
