@@ -256,6 +256,29 @@ class RunManager:
             log.info("marked %d runs of stopped servers as failed", settled)
         return settled
 
+    async def stop(self, grace_s: float) -> list[str]:
+        """A server shutting down: cancel every unfinished run and give them ``grace_s`` seconds
+        to close their sandboxes and record their end. Every trajectory of theirs still saying
+        "running" or "cancelled" (a run that overran the grace, a child RLM) is then marked
+        cancelled because the server stopped: the story rlm_get_result tells after a restart.
+        Returns the ids of the runs still unwinding when the grace ran out."""
+        live = [run for run in self.runs.values() if run.task is not None and not run.task.done()]
+        tasks = [run.task for run in live if run.task is not None]
+        for task in tasks:
+            task.cancel(SERVER_STOPPED)
+        pending: set[asyncio.Task[RunResult]] = set()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace_s)
+        for run in live:
+            with contextlib.suppress(OSError):
+                for path in self.engine.trajectory_dir.glob(f"{run.run_id}*.jsonl"):  # the run and its children
+                    with contextlib.suppress(OSError, ValueError):
+                        meta = read_metadata(path)
+                        if meta.get("status") in ("running", "cancelled"):
+                            rewrite_metadata(path, {**meta, "status": "cancelled", "error": SERVER_STOPPED,
+                                                    "finished_at": meta.get("finished_at") or now_iso()})
+        return [run.run_id for run in live if run.task in pending]
+
     async def aclose(self) -> None:
         """Cancel every unfinished run (their sandboxes are closed by the engine)."""
         tasks = [run.task for run in self.runs.values() if run.task is not None and not run.task.done()]

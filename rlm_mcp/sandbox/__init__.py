@@ -156,6 +156,10 @@ class SandboxRegistry:
         """Use this provider for its name (tests and embedders inject their own)."""
         self._providers[provider.name] = provider
 
+    def in_use(self) -> list[str]:
+        """The backends a provider was created for (what a server stopping must clean up)."""
+        return list(self._providers)
+
     async def aclose(self) -> None:
         providers, self._providers = list(self._providers.values()), {}
         for provider in providers:
