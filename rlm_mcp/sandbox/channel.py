@@ -262,7 +262,8 @@ class WorkerSandbox(Sandbox):
             self._gone.set()  # died at once: reported below with its exit reason
         gone = asyncio.ensure_future(self._gone.wait())
         try:
-            done, _ = await asyncio.wait({self._ready, gone}, timeout=self.ready_timeout_s,
+            waiters: set[asyncio.Future[Any]] = {self._ready, gone}
+            done, _ = await asyncio.wait(waiters, timeout=self.ready_timeout_s,
                                          return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
@@ -321,7 +322,8 @@ class WorkerSandbox(Sandbox):
     async def _wait_cell(self, cell: asyncio.Future[dict[str, Any]], timeout: float) -> dict[str, Any] | None:
         gone = asyncio.ensure_future(self._gone.wait())
         try:
-            await asyncio.wait({cell, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            waiters: set[asyncio.Future[Any]] = {cell, gone}
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
         return cell.result() if cell.done() and not cell.cancelled() else None

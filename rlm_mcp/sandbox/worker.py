@@ -329,8 +329,10 @@ class Repl:
         try:
             tree = ast.parse(code, "<repl>", "exec")
             echo = None
-            if tree.body and isinstance(tree.body[-1], ast.Expr):
-                echo = ast.Expression(tree.body.pop().value)
+            last = tree.body[-1] if tree.body else None
+            if isinstance(last, ast.Expr):
+                tree.body.pop()
+                echo = ast.Expression(last.value)
             exec(compile(tree, "<repl>", "exec"), self.namespace)
             if echo is not None:
                 value = eval(compile(echo, "<repl>", "eval"), self.namespace)
@@ -381,7 +383,9 @@ class Worker:
         self.jobs: list[dict[str, Any]] = []
         self.jobs_ready = threading.Condition()
         self.closed = False
-        self.main_thread = threading.main_thread().ident
+        main_thread = threading.main_thread().ident
+        assert main_thread is not None  # set once a thread has started, and the main one has
+        self.main_thread = main_thread
 
     def reader(self) -> None:
         """Route host messages: replies go to waiting calls, the rest to the main thread."""

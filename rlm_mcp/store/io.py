@@ -16,7 +16,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from rlm_mcp.errors import ContextError, describe_os_error
 from rlm_mcp.private import open_private, private_dir
@@ -143,7 +143,7 @@ class ContentWriter:
         self._fh: BinaryIO | None = None
         try:
             private_dir(self.dir)
-            self._fh = open_private(self.dir / self.file_name, "wb")
+            self._fh = cast(BinaryIO, open_private(self.dir / self.file_name, "wb"))
         except OSError as exc:
             self.discard()
             raise self._failed(exc) from None

@@ -33,7 +33,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, cast
 
 TOOL_SUFFIXES = ("rlm_load_context", "rlm_complete", "rlm_get_result", "rlm_get_trajectory")
 SEARCH_TOOL = "ToolSearch"  # Claude Code's loader for deferred tools
@@ -224,7 +224,7 @@ class ScriptedAnthropicServer:
 
     @property
     def base_url(self) -> str:
-        host, port = self._httpd.server_address[:2]
+        host, port = cast(tuple[str, int], self._httpd.server_address[:2])
         return f"http://{host}:{port}"
 
     def __enter__(self) -> "ScriptedAnthropicServer":

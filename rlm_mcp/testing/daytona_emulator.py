@@ -43,9 +43,9 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from aiohttp import WSMsgType, web
+from aiohttp import BodyPartReader, WSMsgType, web
 
 log = logging.getLogger("daytona_emulator")
 
@@ -334,7 +334,7 @@ class DaytonaEmulator:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
-        server = site._server  # the bound port when 0 was asked for
+        server = cast(asyncio.Server | None, site._server)  # the bound port when 0 was asked for
         assert server is not None and server.sockets
         self.port = server.sockets[0].getsockname()[1]
 
@@ -541,7 +541,7 @@ class DaytonaEmulator:
         reader = await request.multipart()
         paths: dict[str, str] = {}
         async for part in reader:
-            name = part.name or ""
+            name = (part.name if isinstance(part, BodyPartReader) else None) or ""
             if not name.startswith("files[") or "]." not in name:
                 continue
             index, _, kind = name[len("files["):].partition("].")
