@@ -11,8 +11,6 @@ from rlm_mcp.engine import RlmEngine, RunManager, RunResult, shape_of
 from rlm_mcp.errors import ConfigError
 from rlm_mcp.store import ContextStore
 
-INLINE_CONTEXT_CHARS = 200_000  # larger inline text belongs in rlm_load_context
-
 
 @dataclass
 class Services:
@@ -55,9 +53,10 @@ class Services:
             info = store.combine(handles) if len(handles) > 1 else store.get(handles[0])
         else:
             assert context is not None
-            if len(context) > INLINE_CONTEXT_CHARS:
-                raise ConfigError(f"the inline context has {len(context):,} characters (limit {INLINE_CONTEXT_CHARS:,}): "
-                                  "load it with rlm_load_context (path, url or text) and pass the handle")
+            limit = self.settings.max_inline_chars  # the one inline limit (RLM_MCP_MAX_INLINE_CHARS)
+            if len(context) > limit:
+                raise ConfigError(f"the inline context has {len(context):,} characters (limit {limit:,}): "
+                                  "save it to a file, load it with rlm_load_context (path or url) and pass the handle")
             info = store.load_text(context, name="inline context")
         return {"context": store.context_file(info.handle), "shape": shape_of(info)}
 

@@ -34,8 +34,9 @@ from rlm_mcp.server.results import (
     reply,
 )
 from rlm_mcp.server.pages import view_links
-from rlm_mcp.services import INLINE_CONTEXT_CHARS, Services
+from rlm_mcp.services import Services
 from rlm_mcp.store import ContextInfo, ContextPage
+from rlm_mcp.store.front import PEEK_MAX
 from rlm_mcp.viewer import APP_RESOURCE_URI, MCP_APP_MIME, VIEW_TOOL, app_html, build_view, view_etag
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ def build_server(services: Services, view_base: str | None = None) -> MCPServer:
     async def rlm_peek_context(
         handle: Annotated[str, Field(description="the handle from rlm_load_context")],
         start: Annotated[int, Field(description="character offset to start at", ge=0)] = 0,
-        length: Annotated[int, Field(description="characters to return (at most 20000)", gt=0)] = 2000,
+        length: Annotated[int, Field(description=f"characters to return (at most {PEEK_MAX})", gt=0)] = 2000,
         document: Annotated[int | None, Field(description="for document lists: read this document only", ge=0)] = None,
     ) -> Annotated[CallToolResult, ContextPage]:
         """Read a bounded slice of a context (for a quick look; use rlm_complete for questions)."""
@@ -168,14 +169,14 @@ def build_server(services: Services, view_base: str | None = None) -> MCPServer:
         query: Annotated[str, Field(description="the question or task")],
         handle: Annotated[str | None, Field(description="a context handle from rlm_load_context")] = None,
         handles: Annotated[list[str] | None, Field(description="several handles, treated as one list of documents")] = None,
-        context: Annotated[str | None, Field(description=f"small inline context text (at most {INLINE_CONTEXT_CHARS:,} characters)")] = None,
+        context: Annotated[str | None, Field(description=f"small inline context text (at most {services.settings.max_inline_chars:,} characters)")] = None,
         model: Annotated[str | None, Field(description="litellm model string for the root model")] = None,
         sub_model: Annotated[str | None, Field(description="model for llm_query sub-calls")] = None,
         sandbox: Annotated[Literal["local", "docker", "daytona"] | None, Field(description="where the REPL runs")] = None,
-        max_iterations: Annotated[int | None, Field(description="root-model turns (default 30)")] = None,
+        max_iterations: Annotated[int | None, Field(description=f"root-model turns (default {services.settings.limits.max_iterations})")] = None,
         max_depth: Annotated[int | None, Field(description="1: no child RLMs; 2: rlm_query starts child RLMs")] = None,
         timeout_s: Annotated[float | None, Field(description="wall-clock limit for the run, seconds")] = None,
-        cell_timeout_s: Annotated[float | None, Field(description="time limit per REPL code block, seconds (default 300, never more than timeout_s)")] = None,
+        cell_timeout_s: Annotated[float | None, Field(description=f"time limit per REPL code block, seconds (default {services.settings.limits.cell_timeout_s:g}, never more than timeout_s)")] = None,
         max_cost_usd: Annotated[float | None, Field(description="spending limit over the whole run, USD")] = None,
         wait_s: Annotated[float, Field(description="seconds to wait before returning status 'running' (0-300)", ge=0, le=300)] = 50,
     ) -> Annotated[CallToolResult, CompleteResult]:
