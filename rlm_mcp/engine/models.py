@@ -70,6 +70,8 @@ class Models(Protocol):
 
     async def complete(self, model: str, messages: list[dict[str, str]]) -> Completion: ...
 
+    async def aclose(self) -> None: ...
+
 
 @dataclass(eq=False)
 class Failure(Exception):

@@ -92,6 +92,9 @@ class FakeModelClient:
     def context_window(self, model: str) -> int | None:
         return self.window
 
+    async def aclose(self) -> None:
+        """Nothing to close: the real client closes its HTTP connections here."""
+
     def user_messages(self, model: str) -> list[str]:
         """The last user message of each request sent to ``model``, in order."""
         return [r.last_user_message for r in self.requests if r.model == model]

@@ -28,7 +28,7 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 SECRET_PATTERN = re.compile(r"secret code is ([A-Za-z0-9_-]+)")
 CHUNK_CHARS = 400_000
@@ -196,7 +196,7 @@ class ScriptedModelServer:
 
     @property
     def api_base(self) -> str:
-        host, port = self._httpd.server_address[:2]
+        host, port = cast(tuple[str, int], self._httpd.server_address[:2])
         return f"http://{host}:{port}/v1"
 
     def __enter__(self) -> "ScriptedModelServer":
