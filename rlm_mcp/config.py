@@ -12,6 +12,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, TypeGuard, overload
 
 from rlm_mcp.errors import ConfigError
 
@@ -86,7 +87,7 @@ class Limits:
         otherwise the default 300 s cell timeout would make every shorter run invalid. Both
         given, and contradictory, is refused: the caller asked for a cell limit that can never
         apply, and saying so beats guessing which of the two was meant."""
-        given = {k: v for k, v in overrides.items() if v is not None}
+        given: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
         limits = replace(self, **given)
         if "cell_timeout_s" not in given:
             limits = limits.cell_within_run()
@@ -95,8 +96,7 @@ class Limits:
     def cell_within_run(self) -> "Limits":
         """A copy whose cell timeout is at most the run's timeout (unchanged if already so)."""
         run, cell = self.timeout_s, self.cell_timeout_s
-        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (run, cell))
-        if numbers and run > 0 and cell > run:  # type: ignore[operator]
+        if _is_number(run) and _is_number(cell) and run > 0 and cell > run:
             return replace(self, cell_timeout_s=run)
         return self
 
@@ -256,6 +256,11 @@ def read_prompt_file(path: str | Path, source: str) -> str:
     return text
 
 
+def _is_number(value: object) -> TypeGuard[float]:
+    """An int or float, not a bool (limits may come from JSON arguments)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 class _Reader:
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = env
@@ -266,6 +271,12 @@ class _Reader:
 
     def absent(self, name: str) -> bool:
         return self._raw(name) is None
+
+    @overload
+    def integer(self, name: str, default: int, low: int = 0) -> int: ...
+
+    @overload
+    def integer(self, name: str, default: None, low: int = 0) -> int | None: ...
 
     def integer(self, name: str, default: int | None, low: int = 0) -> int | None:
         raw = self._raw(name)
@@ -278,6 +289,12 @@ class _Reader:
         if value < low:
             raise ConfigError(f"{name} must be at least {low}, got {value}")
         return value
+
+    @overload
+    def number(self, name: str, default: float) -> float: ...
+
+    @overload
+    def number(self, name: str, default: None) -> float | None: ...
 
     def number(self, name: str, default: float | None) -> float | None:
         raw = self._raw(name)
