@@ -98,3 +98,81 @@ async def test_the_concurrency_slots_admit_max_concurrency_sub_calls_at_once():
     budget.slots.release()
     async with asyncio.timeout(10):
         await third
+
+
+async def test_a_subcall_is_counted_started_in_flight_then_done_with_its_usage():
+    budget = Budget(Limits())
+    async with budget.subcall() as done:
+        assert (budget.subcalls_started, budget.in_flight, budget.subcalls_done) == (1, 1, 0)
+        done(completion("sub", 7, 3, 0.01))
+    assert (budget.subcalls_started, budget.in_flight, budget.subcalls_done, budget.max_in_flight) == (1, 0, 1, 1)
+    assert budget.usage["sub"] == ModelUsage(calls=1, input_tokens=7, output_tokens=3, cost_usd=0.01)
+
+
+async def test_a_failed_subcall_is_counted_started_but_never_done():
+    budget = Budget(Limits())
+    with pytest.raises(RuntimeError):
+        async with budget.subcall():
+            raise RuntimeError("provider down")
+    assert (budget.subcalls_started, budget.in_flight, budget.subcalls_done, budget.usage) == (1, 0, 0, {})
+
+
+async def test_a_subcall_over_the_limit_is_refused_before_it_counts():
+    budget = Budget(Limits(max_subcalls=1))
+    async with budget.subcall() as done:
+        done(completion())
+    with pytest.raises(LimitExceeded, match="maximum of 1 sub-calls"):
+        async with budget.subcall():
+            pytest.fail("the refused sub-call ran")
+    assert (budget.subcalls_started, budget.in_flight) == (1, 0)
+
+
+async def test_subcalls_beyond_max_concurrency_wait_for_a_slot_and_the_peak_is_kept():
+    budget = Budget(Limits(max_concurrency=2))
+    release = asyncio.Event()
+    entered = 0
+
+    async def one() -> None:
+        nonlocal entered
+        async with budget.subcall() as done:
+            entered += 1
+            await release.wait()
+            done(completion())
+
+    calls = [asyncio.create_task(one()) for _ in range(3)]
+    async with asyncio.timeout(10):
+        while entered < 2:
+            await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert (entered, budget.in_flight, budget.subcalls_started) == (2, 2, 2)  # the third waits for a slot
+    release.set()
+    async with asyncio.timeout(10):
+        await asyncio.gather(*calls)
+    assert (budget.subcalls_done, budget.max_in_flight, budget.in_flight) == (3, 2, 0)
+
+
+async def test_a_subcall_waiting_for_a_slot_is_checked_against_what_the_calls_before_it_used():
+    budget = Budget(Limits(max_concurrency=1, max_tokens=10))
+    release = asyncio.Event()
+
+    async def first() -> None:
+        async with budget.subcall() as done:
+            await release.wait()
+            done(completion(tokens_in=10, tokens_out=0))
+
+    running = asyncio.create_task(first())
+    async with asyncio.timeout(10):
+        while budget.in_flight == 0:
+            await asyncio.sleep(0)
+
+    async def second() -> None:
+        async with budget.subcall():
+            pytest.fail("admitted past the token budget")
+
+    waiting = asyncio.create_task(second())
+    await asyncio.sleep(0)
+    release.set()
+    async with asyncio.timeout(10):
+        await running
+        with pytest.raises(LimitExceeded, match="token budget"):
+            await waiting
