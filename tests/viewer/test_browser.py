@@ -12,6 +12,11 @@ from typing import Any
 
 import pytest
 
+try:
+    from playwright.sync_api import expect
+except ImportError:  # the browser fixture skips (or fails, under CI=true) with the reason
+    expect = None
+
 from rlm_mcp.engine.trajectory import TrajectoryWriter
 from rlm_mcp.testing.synthetic import HOSTILE as SYNTHETIC_HOSTILE
 from rlm_mcp.testing.synthetic import write_run
@@ -110,29 +115,30 @@ def test_search_finds_matches_and_opens_where_they_are(viewer: Viewer, engine_ru
     page.wait_for_function("() => document.getElementById('search-count').textContent.includes('in 1 places')",
                            timeout=WAIT_MS)
     page.keyboard.press("Enter")
-    current = page.locator("mark.current")
-    assert current.inner_text() == "bravo-marker"
-    assert page.locator(".it.open").count() == 1 and page.locator(".it.open .num").inner_text() == "#2"
+    # expect(...) retries until the page has acted on the key (a plain read races the handler).
+    expect(page.locator("mark.current")).to_have_text("bravo-marker", timeout=WAIT_MS)
+    expect(page.locator(".it.open")).to_have_count(1, timeout=WAIT_MS)
+    expect(page.locator(".it.open .num")).to_have_text("#2", timeout=WAIT_MS)
     # Several places: Enter in the box goes to the first, then n / N step through them.
     page.fill("#search", "-marker")
     page.wait_for_function("() => document.getElementById('search-count').textContent.includes('in 2 places')",
                            timeout=WAIT_MS)
     page.keyboard.press("Enter")
-    assert page.get_attribute("#search-count", "data-pos") == "1"
+    expect(page.locator("#search-count")).to_have_attribute("data-pos", "1", timeout=WAIT_MS)
     page.keyboard.press("Escape")  # leaves the box: letters are commands again
     page.keyboard.press("n")
-    assert page.get_attribute("#search-count", "data-pos") == "2"
-    assert page.locator("mark.current").inner_text() == "-marker"
+    expect(page.locator("#search-count")).to_have_attribute("data-pos", "2", timeout=WAIT_MS)
+    expect(page.locator("mark.current")).to_have_text("-marker", timeout=WAIT_MS)
     page.keyboard.press("N")
-    assert page.get_attribute("#search-count", "data-pos") == "1"
+    expect(page.locator("#search-count")).to_have_attribute("data-pos", "1", timeout=WAIT_MS)
     # In a tree: a word only a grandchild printed opens the child, the grandchild and its iteration.
     viewer.open(export_run(build_view(tree_run(tmp_path / "tree")), tmp_path / "tree.html"))
     page.fill("#search", "xerus-word")
     page.wait_for_function("() => document.getElementById('search-count').textContent.includes('matches')",
                            timeout=WAIT_MS)
     page.locator("#results div").first.click()
-    assert page.locator("mark.current").inner_text() == "xerus-word"
-    assert page.locator(".child.open").count() == 2  # .2 and .2.3
+    expect(page.locator("mark.current")).to_have_text("xerus-word", timeout=WAIT_MS)
+    expect(page.locator(".child.open")).to_have_count(2, timeout=WAIT_MS)  # .2 and .2.3
     viewer.assert_clean()
 
 

@@ -226,3 +226,50 @@ def test_export_writes_the_page_and_opens_it_in_the_browser_the_system_names(tmp
     assert opened.read_text(encoding="utf-8") == page.resolve().as_uri()
     assert "rlm-view-data" in page.read_text(encoding="utf-8")
     assert not list(page.parent.glob(".view-*"))  # no temporary file left behind
+
+
+# ----- fields the engine records for the viewer (and the reference visualizer) -------------------
+
+def test_engine_trajectories_carry_the_reference_field_names_and_sub_call_start_times(engine_runs):
+    for name in ("finished", "children"):
+        run = engine_runs[name]
+        lines = [json.loads(line) for line in run.path.read_text(encoding="utf-8").splitlines()]
+        iterations = [line for line in lines[1:] if line["type"] == "iteration"]
+        assert iterations and all("iteration_time" in it and "final_answer" in it for it in iterations)
+        cells = [block["result"] for it in iterations for block in it["code_blocks"]]
+        assert cells and all({"stdout_dropped", "stderr_dropped", "notices"} <= set(cell) for cell in cells)
+        calls = [call for cell in cells for call in cell["rlm_calls"]]
+        assert calls, name
+        for call in calls:
+            assert {"prompt", "response", "prompt_tokens", "completion_tokens", "execution_time"} <= set(call)
+            assert isinstance(call["prompt_tokens"], int) and isinstance(call["completion_tokens"], int)
+            assert 0 <= call["start_s"] <= run.result.elapsed_s
+        plain = [call for call in calls if "child_run_id" not in call["usage_summary"]]
+        assert all(call["prompt_tokens"] > 0 and call["completion_tokens"] > 0 for call in plain)
+    # The view turns the start times into the in-flight chart's data.
+    view = build_view(engine_runs["finished"].path)
+    starts = [call["start"] for it in view["root"]["iterations"] for block in it["blocks"] for call in block["calls"]]
+    assert starts and all(isinstance(start, float) for start in starts)
+
+
+def test_a_running_run_whose_server_died_is_shown_failed_and_a_live_one_stays_running(tmp_path):
+    from rlm_mcp.engine.runs import SERVER_STOPPED
+    from rlm_mcp.engine.trajectory import read_metadata, rewrite_metadata
+
+    live = TrajectoryWriter(tmp_path / "run-alive.jsonl", metadata("run-alive", "run-alive", "still going"))
+    live.iteration(iteration_record(1))
+    dead = TrajectoryWriter(tmp_path / "run-dead.jsonl", metadata("run-dead", "run-dead", "orphaned"))
+    dead.iteration(iteration_record(1))
+    # The process that wrote it has ended: an identity whose pid is taken by nobody.
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    rewrite_metadata(dead.path, {**read_metadata(dead.path), "server": f"{finished.stdout.strip()}:1"})
+    view = build_view(tmp_path, "run-dead")
+    assert view["root"]["status"] == "failed" and view["root"]["error"] == SERVER_STOPPED
+    assert view["running"] is False  # the page stops polling
+    assert read_metadata(dead.path)["status"] == "running"  # shown, not rewritten: the next server settles it
+    alive = build_view(tmp_path, "run-alive")
+    assert alive["root"]["status"] == "running" and alive["running"] is True
+    statuses = {summary["run_id"]: summary["status"] for summary in run_summaries(tmp_path)}
+    assert statuses == {"run-dead": "failed", "run-alive": "running"}
+    live.finish(status="completed")
