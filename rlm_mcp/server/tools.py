@@ -1,11 +1,14 @@
 """Tool, resource and prompt registration. Tools stay thin and delegate to the services (context
 store, run manager, trajectory view)."""
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: the tools' argument descriptions are f-strings over
+# the server's settings (each default stated from config), evaluated where the tool is defined;
+# as strings, the SDK would evaluate them later without build_server's locals.
 
 import asyncio
 import contextlib
 import functools
+import inspect
 import logging
 import traceback
 from typing import Annotated, Any, Literal
@@ -24,6 +27,8 @@ from rlm_mcp.server.results import (
     ERROR_CHARS,
     CompleteResult,
     ContextList,
+    LoadedContext,
+    PeekResult,
     RunView,
     TrajectoryPage,
     bounded,
@@ -31,17 +36,27 @@ from rlm_mcp.server.results import (
     complete_summary,
     context_summary,
     finished,
+    context_list,
+    deleted,
+    loaded,
+    peeked,
     reply,
+    trajectory_next_step,
 )
 from rlm_mcp.server.pages import view_links
 from rlm_mcp.services import Services
-from rlm_mcp.store import ContextInfo, ContextPage
 from rlm_mcp.store.front import PEEK_MAX
 from rlm_mcp.viewer import APP_RESOURCE_URI, MCP_APP_MIME, VIEW_TOOL, app_html, build_view, view_etag
 
 log = logging.getLogger(__name__)
 
 ANSWER_META = {"anthropic/maxResultSizeChars": 500_000}
+# Claude Code replaces a result over MAX_MCP_OUTPUT_TOKENS (25,000 by default) with an error
+# unless the tool admits more. Bounds: a context report holds <= 1,000 document lengths and a
+# 300-character preview (~12 KB); a list <= 100 of them with <= 20 lengths each (~70 KB); a
+# peek <= 20,000 characters; a trajectory page <= 20 bounded iterations.
+CONTEXT_META = {"anthropic/maxResultSizeChars": 100_000}
+PAGE_META = {"anthropic/maxResultSizeChars": 200_000}
 # MCP Apps (SEP-1865): hosts that render apps show the run viewer beside these tools' results;
 # "ui/resourceUri" is the extension's earlier, flat spelling, which some hosts still read.
 UI_META = {"ui": {"resourceUri": APP_RESOURCE_URI}, "ui/resourceUri": APP_RESOURCE_URI}
@@ -94,13 +109,16 @@ def build_server(services: Services, view_base: str | None = None) -> MCPServer:
                 message = (f"{fn.__name__} failed on an internal error ({type(exc).__name__}): retry; if it "
                            "happens again, report it with the server log, which has the details")
             raise ToolError(bounded(message)) from None
+        # Hosts send the description to the model as it is: without the docstring's indentation.
+        wrapper.__doc__ = inspect.cleandoc(fn.__doc__ or "")
         return wrapper
 
     read_only = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 
     @server.tool(title="Load a large input as a context handle",
                  annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False,
-                                             idempotent_hint=True, open_world_hint=True))
+                                             idempotent_hint=True, open_world_hint=True),
+                 meta=CONTEXT_META)
     @guarded
     async def rlm_load_context(
         path: Annotated[str | None, Field(description="a file or directory on the server's machine")] = None,
@@ -110,7 +128,7 @@ def build_server(services: Services, view_base: str | None = None) -> MCPServer:
         include: Annotated[list[str] | None, Field(description="globs of files to keep from a directory, e.g. ['*.py']")] = None,
         exclude: Annotated[list[str] | None, Field(description="globs of files to skip from a directory")] = None,
         max_bytes: Annotated[int | None, Field(description="refuse inputs larger than this many bytes", gt=0)] = None,
-    ) -> Annotated[CallToolResult, ContextInfo]:
+    ) -> Annotated[CallToolResult, LoadedContext]:
         """Load a file, a directory (as a list of documents), a URL or text on the server and
         return a handle for rlm_complete. The content stays on the server; you get its size,
         a short preview and what was skipped."""
@@ -125,39 +143,40 @@ def build_server(services: Services, view_base: str | None = None) -> MCPServer:
             info = await store.load_url(url, name=name, max_bytes=max_bytes)
         else:
             info = await asyncio.to_thread(store.load_text, text or "", name=name)
-        return reply(info, context_summary(info))
+        return reply(loaded(info), context_summary(info), CONTEXT_META)
 
-    @server.tool(title="List loaded contexts", annotations=read_only)
+    @server.tool(title="List loaded contexts", annotations=read_only, meta=CONTEXT_META)
     @guarded
     async def rlm_list_contexts() -> Annotated[CallToolResult, ContextList]:
         """List the contexts stored on the server, newest first."""
         contexts = await asyncio.to_thread(svc().store.list)
         lines = [f"{c.handle}  {c.kind:9} {c.characters:>14,} chars  {c.name}" for c in contexts]
         summary = f"{len(contexts)} contexts" + (":\n" + "\n".join(lines) if lines else ". Load one with rlm_load_context.")
-        return reply(ContextList(contexts=contexts), summary)
+        return reply(context_list(contexts), summary, CONTEXT_META)
 
     @server.tool(title="Delete a context",
-                 annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=False, open_world_hint=False))
+                 annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=False, open_world_hint=False),
+                 meta=CONTEXT_META)
     @guarded
     async def rlm_delete_context(
         handle: Annotated[str, Field(description="the handle from rlm_load_context")],
-    ) -> Annotated[CallToolResult, ContextInfo]:
+    ) -> Annotated[CallToolResult, LoadedContext]:
         """Delete a stored context and free its disk space."""
         info = await asyncio.to_thread(svc().store.delete, handle)
-        return reply(info, f"Deleted context {info.handle} ({info.name}).")
+        return reply(deleted(info), f"Deleted context {info.handle} ({info.name}).", CONTEXT_META)
 
-    @server.tool(title="Read a slice of a context", annotations=read_only)
+    @server.tool(title="Read a slice of a context", annotations=read_only, meta=PAGE_META)
     @guarded
     async def rlm_peek_context(
         handle: Annotated[str, Field(description="the handle from rlm_load_context")],
         start: Annotated[int, Field(description="character offset to start at", ge=0)] = 0,
         length: Annotated[int, Field(description=f"characters to return (at most {PEEK_MAX})", gt=0)] = 2000,
         document: Annotated[int | None, Field(description="for document lists: read this document only", ge=0)] = None,
-    ) -> Annotated[CallToolResult, ContextPage]:
+    ) -> Annotated[CallToolResult, PeekResult]:
         """Read a bounded slice of a context (for a quick look; use rlm_complete for questions)."""
         page = await asyncio.to_thread(svc().store.peek, handle, start, length, document)
         more = f"\n[continue with start={page.next_start}]" if page.next_start is not None else "\n[end of context]"
-        return reply(page, f"{handle} [{page.start:,}:{page.end:,} of {page.total:,}]\n{page.text}{more}")
+        return reply(peeked(page, length), f"{handle} [{page.start:,}:{page.end:,} of {page.total:,}]\n{page.text}{more}", PAGE_META)
 
     @server.tool(title="Answer a question over a context with an RLM",
                  annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False,
@@ -219,7 +238,8 @@ def build_server(services: Services, view_base: str | None = None) -> MCPServer:
         result = linked(complete_result(await _wait_with_progress(services, run, ctx, wait_s)))
         return reply(result, complete_summary(result), ANSWER_META)
 
-    @server.tool(title="Cancel a run", annotations=ToolAnnotations(destructive_hint=True, open_world_hint=False))
+    @server.tool(title="Cancel a run", annotations=ToolAnnotations(destructive_hint=True, open_world_hint=False),
+                 meta=ANSWER_META)
     @guarded
     async def rlm_cancel(run_id: Annotated[str, Field(description="the run_id from rlm_complete")]) -> Annotated[CallToolResult, CompleteResult]:
         """Stop a running run and its sandboxes; returns its final state."""
@@ -228,9 +248,9 @@ def build_server(services: Services, view_base: str | None = None) -> MCPServer:
             result = complete_result(await services.runs.cancel(run_id))
         else:  # finished before a restart, or left behind by a server that stopped: nothing to stop
             result = finished(await asyncio.to_thread(services.stored_result, run_id))
-        return reply(result, complete_summary(result))
+        return reply(result, complete_summary(result), ANSWER_META)
 
-    @server.tool(title="Inspect how a run reached its answer", annotations=read_only, meta=UI_META)
+    @server.tool(title="Inspect how a run reached its answer", annotations=read_only, meta={**PAGE_META, **UI_META})
     @guarded
     async def rlm_get_trajectory(
         run_id: Annotated[str, Field(description="the run_id from rlm_complete")],
@@ -256,7 +276,8 @@ def build_server(services: Services, view_base: str | None = None) -> MCPServer:
             lines.append(f"- iteration {item.get('iteration')}: {len(item.get('code_blocks') or [])} code blocks, "
                          f"{item.get('subcalls')} sub-calls" + (f"; {reasoning}" if reasoning else "")
                          + ("; FINAL ANSWER" if item.get("final_answer") is not None else ""))
-        return reply(page, "\n".join(lines))
+        page.next_step = trajectory_next_step(page, limit, detail)
+        return reply(page, "\n".join(lines), PAGE_META)
 
     @server.tool(name=VIEW_TOOL, title="The run viewer's data (for the MCP App)", annotations=read_only,
                  meta=VIEW_TOOL_META)
