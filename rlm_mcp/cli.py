@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from rlm_mcp import __version__
-from rlm_mcp.config import SANDBOX_NAMES, Limits, Settings
-from rlm_mcp.errors import RlmError
+from rlm_mcp.config import SANDBOX_NAMES, Limits, Settings, read_prompt_file
+from rlm_mcp.errors import ConfigError, RlmError
 
 log = logging.getLogger("rlm_mcp")
 
@@ -34,6 +34,7 @@ def _limit_options(parser: argparse.ArgumentParser) -> None:
                        help=f"seconds per code block (default {d.cell_timeout_s:g}, or --timeout if lower)")
     group.add_argument("--timeout", type=float, dest="timeout_s", help=f"seconds for the whole run (default {d.timeout_s:g})")
     group.add_argument("--max-subcalls", type=int, help="llm_query calls over the whole run tree")
+    group.add_argument("--max-errors", type=int, help="code blocks failing in a row that end the run (default: no limit)")
     group.add_argument("--max-tokens", type=int, help="input+output tokens over the whole run tree")
     group.add_argument("--max-cost", type=float, dest="max_cost_usd", help="USD over the whole run tree")
     group.add_argument("--max-output-chars", type=int, help=f"REPL output shown to the model per block (default {d.max_output_chars})")
@@ -57,8 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "default clients must send RLM_MCP_AUTH_TOKEN, or the token generated at start")
 
     run = commands.add_parser("run", help="answer one question over a file, directory or stdin")
-    run.add_argument("question")
-    run.add_argument("--context", required=True, help="a file, a directory of documents, or - for stdin")
+    run.add_argument("question", nargs="?", default="",
+                     help="the question (leave it out with --continue-from to resume a run a limit stopped)")
+    run.add_argument("--context", help="a file, a directory of documents, or - for stdin (default with "
+                                       "--continue-from: that run's context)")
+    run.add_argument("--continue-from", metavar="RUN_ID",
+                     help="build on a finished run: a follow-up question told its earlier turns, or with no "
+                          "question its loop resumed with raised limits (a new process has no REPL to reuse)")
+    run.add_argument("--system-prompt-file", metavar="PATH",
+                     help="a custom system prompt template (RLM_MCP_SYSTEM_PROMPT_FILE; placeholders in the README)")
     run.add_argument("--model", help="litellm model string for the root model (RLM_MCP_MODEL)")
     run.add_argument("--sub-model", help="model for llm_query sub-calls (RLM_MCP_SUB_MODEL)")
     run.add_argument("--sandbox", choices=SANDBOX_NAMES, help="where the REPL runs (RLM_MCP_SANDBOX)")
@@ -165,21 +173,32 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
 
     limits = settings.limits.with_overrides(**{name: getattr(args, name) for name in (
         "max_iterations", "max_depth", "cell_timeout_s", "timeout_s", "max_subcalls", "max_tokens",
-        "max_cost_usd", "max_output_chars", "max_concurrency")})
+        "max_cost_usd", "max_output_chars", "max_concurrency", "max_errors")})
     settings = replace(settings, limits=limits)
+    if args.system_prompt_file:
+        settings = replace(settings, system_prompt=read_prompt_file(args.system_prompt_file, "--system-prompt-file"))
+    if not args.context and not args.continue_from:
+        raise ConfigError("--context is required (a file, a directory or - for stdin), unless --continue-from "
+                          "names a run whose context to use")
     engine = RlmEngine(settings)
     engine.models.start_warm_up()  # litellm imports in a thread while the context loads
     # Check the model, sub-model and sandbox before copying a possibly huge input into the store.
-    engine.prepare(RunRequest(query=args.question, context=ContextFile(None), shape=ContextShape("text", 0),
-                              model=args.model, sub_model=args.sub_model, sandbox=args.sandbox, limits=limits))
+    given = args.context is not None
+    engine.prepare(RunRequest(query=args.question, context=ContextFile(None) if given else None,
+                              shape=ContextShape("text", 0) if given else None, model=args.model,
+                              sub_model=args.sub_model, sandbox=args.sandbox, limits=limits,
+                              continue_from=args.continue_from))
     services = Services.create(settings, engine)
     store = services.store
+    subject: dict[str, Any] = {}
     if args.context == "-":
         info = store.load_stream(sys.stdin.buffer, name="stdin", source="stdin")
-    else:
+    elif given:
         info = store.load_path(args.context, include=args.include, exclude=args.exclude)
-    request = RunRequest(query=args.question, context=store.context_file(info.handle), shape=shape_of(info),
-                         model=args.model, sub_model=args.sub_model, sandbox=args.sandbox, limits=limits)
+    if given:
+        subject = {"context": store.context_file(info.handle), "shape": shape_of(info)}
+    request = RunRequest(query=args.question, model=args.model, sub_model=args.sub_model, sandbox=args.sandbox,
+                         limits=limits, continue_from=args.continue_from, **subject)
     progress = _Progress()
     on_event = _Verbose(progress) if args.verbose else progress
     try:

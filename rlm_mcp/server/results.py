@@ -53,6 +53,9 @@ class CompleteResult(BaseModel):
     elapsed_s: float = 0.0
     trajectory_path: str | None = None
     next_step: str | None = None
+    partial: bool = Field(False, description="the answer is the draft or last words of a run cut short, not a submitted answer")
+    continued_from: str | None = Field(None, description="the run this one continued (continue_from)")
+    compactions: int = Field(0, description="times the root conversation was summarised to fit the model's window")
     notes: list[str] = Field([], description="what the run ran into: limits the sandbox could not enforce, a follow-up "
                                              "whose earlier sandbox was gone")
     view_url: str | None = Field(None, description="the run's viewer page on this server (HTTP transports)")
@@ -171,15 +174,17 @@ def finished(result: RunResult) -> CompleteResult:
     elif result.status == "cancelled":
         next_step = f"the run was stopped ({result.error}): call rlm_complete again to start over; {trajectory}"
     elif result.status == "limit_reached":
-        next_step = (f"the {result.limit} limit ended the run (the answer is partial or missing): raise that "
-                     f"limit and call rlm_complete again; {trajectory}")
+        next_step = (f"the {result.limit} limit ended the run; to go on where it stopped, call "
+                     f"rlm_complete(continue_from={result.run_id!r}) with {result.limit} raised and no query "
+                     f"(the answer is partial or missing); {trajectory}")
     else:
         next_step = f"the run failed: see error; {trajectory} before it failed"
     return CompleteResult(status=result.status, run_id=result.run_id, answer=result.answer, limit=result.limit,
                           error=result.error, iterations=result.iterations, subcalls=result.subcalls,
                           usage={k: v.model_dump() for k, v in result.usage.items()}, cost_usd=result.cost_usd,
                           elapsed_s=result.elapsed_s, trajectory_path=result.trajectory_path, next_step=next_step,
-                          notes=list(result.notes))
+                          partial=result.partial, continued_from=result.continued_from,
+                          compactions=result.compactions, notes=list(result.notes))
 
 
 def complete_summary(result: CompleteResult) -> str:
@@ -192,7 +197,8 @@ def complete_summary(result: CompleteResult) -> str:
     if result.error:
         lines.append(f"Error: {result.error}")
     if result.answer is not None:
-        lines.append(f"Answer:\n{result.answer}")
+        lines.append(("Partial answer (the run was cut short; this is its draft or last words):\n"
+                      if result.partial else "Answer:\n") + result.answer)
     if result.next_step:
         lines.append(f"Next: {result.next_step}")
     lines.extend(f"Note: {note}" for note in result.notes)

@@ -185,7 +185,8 @@ def build_server(services: Services, view_base: str | None = None) -> MCPServer:
     @guarded
     async def rlm_complete(
         ctx: Context,
-        query: Annotated[str, Field(description="the question or task")],
+        query: Annotated[str, Field(description="the question or task; may be empty only with continue_from, to "
+                                                "resume a run that a limit stopped")] = "",
         handle: Annotated[str | None, Field(description="a context handle from rlm_load_context")] = None,
         handles: Annotated[list[str] | None, Field(description="several handles, treated as one list of documents")] = None,
         context: Annotated[str | None, Field(description=f"small inline context text (at most {services.settings.max_inline_chars:,} characters)")] = None,
@@ -197,6 +198,14 @@ def build_server(services: Services, view_base: str | None = None) -> MCPServer:
         timeout_s: Annotated[float | None, Field(description="wall-clock limit for the run, seconds")] = None,
         cell_timeout_s: Annotated[float | None, Field(description=f"time limit per REPL code block, seconds (default {services.settings.limits.cell_timeout_s:g}, never more than timeout_s)")] = None,
         max_cost_usd: Annotated[float | None, Field(description="spending limit over the whole run, USD")] = None,
+        max_errors: Annotated[int | None, Field(description="end the run (limit_reached) after this many code blocks in a row fail")] = None,
+        continue_from: Annotated[str | None, Field(description="a finished run_id: with a query, a follow-up in that run's REPL "
+                                                              "(its variables kept; context defaults to its context); with "
+                                                              "no query, resume a run a limit stopped (raise that limit)")] = None,
+        system_prompt: Annotated[str | None, Field(description="a custom system prompt template; placeholders {context_type}, "
+                                                              "{context_total_chars}, {context_document_count}, "
+                                                              "{context_document_lengths}, {context_name}, "
+                                                              "{sub_model_capacity_chars}; literal braces as {{ }}")] = None,
         wait_s: Annotated[float, Field(description="seconds to wait before returning status 'running' (0-300)", ge=0, le=300)] = 50,
     ) -> Annotated[CallToolResult, CompleteResult]:
         """Answer `query` over a large context with a Recursive Language Model: a root model
@@ -207,8 +216,9 @@ def build_server(services: Services, view_base: str | None = None) -> MCPServer:
                              limits=services.settings.limits.with_overrides(
                                  max_iterations=max_iterations, max_depth=max_depth,
                                  timeout_s=timeout_s, cell_timeout_s=cell_timeout_s,
-                                 max_cost_usd=max_cost_usd),
-                             **await asyncio.to_thread(services.context_for, handle, handles, context))
+                                 max_cost_usd=max_cost_usd, max_errors=max_errors),
+                             continue_from=continue_from, system_prompt=system_prompt,
+                             **await asyncio.to_thread(services.context_for, handle, handles, context, continue_from))
         stored = handle if handle is not None else (handles[0] if handles and len(handles) == 1 else None)
         # A stored handle is checked against its sha256 as the run starts; fresh content (inline,
         # combined just now) was hashed moments ago.
