@@ -267,6 +267,21 @@ def test_claude_code_gives_the_model_the_structured_content_as_json_and_not_the_
     assert (final["status"], final["answer"]) == ("completed", CODE)
 
 
+def test_every_result_the_model_sees_says_what_to_call_next(direct_run):
+    """The text summaries never reach the model, so the structured content carries the next call."""
+    seen = conversation(direct_run.api.agent_requests()[-1]["messages"])
+    load = next(o.parsed for o in seen if o.tool.endswith("rlm_load_context"))
+    assert f"rlm_complete(query=<your question>, handle={load['handle']!r})" in load["next_step"]
+    run_id = next(o.parsed for o in seen if o.tool.endswith("rlm_complete"))["run_id"]
+    final = [o.parsed for o in seen if o.tool.endswith("rlm_get_result")][-1]
+    assert final["next_step"].startswith("the answer is final") and f"rlm_get_trajectory(run_id={run_id!r})" in final["next_step"]
+    assert isinstance(final["notes"], list)
+    pages = [o.parsed for o in seen if o.tool.endswith("rlm_get_trajectory")]
+    assert pages[0]["next_step"] == (f"rlm_get_trajectory(run_id={run_id!r}, offset=1, limit=1, detail='summary') "
+                                     "shows the next iterations")
+    assert pages[-1]["next_offset"] is None and pages[-1]["next_step"].startswith("last page")
+
+
 def test_claude_code_and_rlm_mcp_reach_nothing_but_the_two_scripted_servers(direct_run, slow_models):
     ports = {d.port for d in direct_run.reached}
     model_port = int(slow_models.api_base.split(":")[2].split("/")[0])

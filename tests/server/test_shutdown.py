@@ -195,7 +195,7 @@ def reaper_of(home: Path) -> int | None:
     return None
 
 
-def test_sigint_with_a_docker_run_exits_fast_and_the_reaper_removes_its_container(held_run, docker_engine):
+def test_sigint_with_a_docker_run_exits_fast_and_the_reaper_removes_its_container(held_run, docker_engine):  # noqa: F811
     run = held_run(RLM_MCP_SANDBOX="docker")
     ours = {"label": f"{LABEL}={LABEL_VALUE}"}
 
