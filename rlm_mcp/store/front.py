@@ -15,6 +15,10 @@ Caps are refused, never truncated: a directory or stream over ``max_files`` / th
 raises :class:`ContextError` with the counts and how to narrow the load, and stores nothing.
 A partially loaded context could silently lose the part that holds the answer.
 
+Modules: this front (load, get, list, delete, peek), ``layout`` (the handle directories: commit,
+metadata, aliases, clean-up), ``paths`` (allowed roots, safe open), ``io`` (streaming, decoding,
+the character index), ``scan`` (directories), ``urlfetch`` (URLs), ``models`` (what is reported).
+
 Loading is blocking file I/O: async callers should run ``load_path``, ``load_stream`` and
 ``combine`` in a worker thread (``asyncio.to_thread``); ``load_url`` is async itself.
 """
@@ -25,101 +29,49 @@ import asyncio
 import bisect
 import builtins  # `list` in this module's class is ContextStore.list
 import hashlib
-import json
 import logging
 import os
-import re
-import shutil
 import stat
-import threading
-import time
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
-
-import pydantic
+from typing import Any, BinaryIO
 
 from rlm_mcp.config import Settings
-from rlm_mcp.errors import ContextError, describe_os_error, quoted
-from rlm_mcp.private import open_private, private_dir
-from rlm_mcp.sandbox.base import ContextFile
-from rlm_mcp.sandbox.processes import pid_alive
-from rlm_mcp.store import io as store_io
+from rlm_mcp.errors import ContextError, quoted
+from rlm_mcp.private import private_dir
+from rlm_mcp.sandbox.base import ContextFile, ContextKind
 from rlm_mcp.store import urlfetch
-from rlm_mcp.store.io import ByteBudget, ContentWriter, Feed, binary_reason, iter_chars, pick_encoding, read_at_least, read_slice
-from rlm_mcp.store.scan import DirectoryScan, inside_roots, skip_notes
+from rlm_mcp.store.io import (
+    ByteBudget, ChunkSizes, ContentWriter, Feed, binary_reason, iter_chars, pick_encoding, read_at_least, read_slice)
+from rlm_mcp.store.layout import StoreLayout
+from rlm_mcp.store.models import ContextInfo, ContextPage, handle_for
+from rlm_mcp.store.paths import HostFiles, allowed_roots, open_regular, resolve_local
+from rlm_mcp.store.scan import DirectoryScan, skip_notes
 
 log = logging.getLogger(__name__)
 
-CHUNK_SIZE = 1 << 20            # bytes read (or characters written) per step
 PEEK_MAX = 20_000
 LISTED_LENGTHS = 20
-STALE_TMP_S = 24 * 3600
 SHOWN_PATH_CHARS = 300     # longer paths are cut in messages (an input can be megabytes)
 
-_HANDLE_RE = re.compile(r"ctx_[0-9a-f]{16}")
-_TRASH_PREFIX = ".trash-"
-_META_LOCK = threading.Lock()     # serialises alias updates of meta.json in this process
-
-
-
-def _handle_for(kind: str, sha256: str) -> str:
-    """A context's handle. The kind is part of the identity: a text file whose bytes equal a
-    documents file is a different context."""
-    return "ctx_" + hashlib.sha256(f"{kind}:{sha256}".encode()).hexdigest()[:16]
-
-
-class ContextInfo(pydantic.BaseModel):
-    """What the tools report about a stored context."""
-
-    handle: str
-    name: str
-    kind: Literal["text", "documents"]
-    characters: int
-    bytes: int
-    documents: int
-    document_lengths: list[int]
-    sha256: str
-    preview: str
-    source: str
-    created_at: str
-    skipped: dict[str, int]
-    decoding_replaced: bool
-    notes: list[str]
-    aliases: list[str] = []
-
-
-class ContextPage(pydantic.BaseModel):
-    """A window of a context's text, for peeking without running a model."""
-
-    handle: str
-    start: int
-    end: int
-    total: int
-    text: str
-    next_start: int | None
-    document: int | None = None
-    document_path: str | None = None
-
-
-# ----- decoding -------------------------------------------------------------------------------
-
-
-# ----- the store ------------------------------------------------------------------------------
-
-
 class ContextStore:
-    """Content-addressed contexts under ``settings.home / "contexts"``."""
+    """Content-addressed contexts under ``settings.home / "contexts"``.
 
-    def __init__(self, settings: Settings) -> None:
+    The seams a caller (or a test) may set: ``sizes`` (streaming step sizes), ``files`` (the
+    open and rename calls, see :class:`HostFiles`) and ``url_transport`` (a factory of the httpx
+    transport URL loads go through, e.g. one trusting a test CA, or ``httpx.MockTransport``)."""
+
+    def __init__(self, settings: Settings, *, sizes: ChunkSizes = ChunkSizes(), files: HostFiles | None = None,
+                 url_transport: urlfetch.TransportFactory | None = None) -> None:
         self.settings = settings
+        self.sizes = sizes
+        self.files = files or HostFiles()
+        self.url_transport = url_transport
         home = Path(settings.home).expanduser()
         private_dir(home, tighten=False)  # 0700 when created here; a chosen existing dir is left as is
         self.root = private_dir(home / "contexts")
-        self._lock = threading.Lock()
-        self._documents_cache: dict[str, list[dict[str, Any]]] = {}
-        self._clean_leftovers()
+        self.layout = StoreLayout(self.root, self.files)
+        self.layout.clean_leftovers()
 
     # ----- loading ----------------------------------------------------------------------------
 
@@ -139,10 +91,11 @@ class ContextStore:
             text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
             replaced = text.count("\ufffd") - before
             notes.append("unpaired surrogate code points were replaced with U+FFFD")
-        writer = ContentWriter(self.root, "text")
+        writer = self._writer("text")
+        step = self.sizes.read
         try:
-            for i in range(0, len(text), CHUNK_SIZE):
-                writer.text(text[i:i + CHUNK_SIZE])
+            for i in range(0, len(text), step):
+                writer.text(text[i:i + step])
         except BaseException:
             writer.discard()
             raise
@@ -156,7 +109,7 @@ class ContextStore:
             raise ContextError(f"path must be a string, got {quoted(path)}")
         plain = len(path) <= SHOWN_PATH_CHARS and path.isprintable()
         shown = path if plain else quoted(path, SHOWN_PATH_CHARS)
-        resolved = self._resolve_local(path, shown)
+        resolved = resolve_local(path, shown, self._roots())
         limit = self._limit(max_bytes)
         try:
             mode = os.stat(resolved).st_mode
@@ -170,7 +123,7 @@ class ContextStore:
         if stat.S_ISDIR(mode):
             return self._load_directory(resolved, shown, name or default_name, include or [],
                                         exclude or [], limit, max_bytes)
-        fh = self._open_regular(resolved, shown, self._roots())
+        fh = open_regular(resolved, shown, self._roots(), self.files)
         notes = ["include/exclude apply to directories only and were ignored"] if include or exclude else []
         with fh:
             size = os.fstat(fh.fileno()).st_size
@@ -190,9 +143,10 @@ class ContextStore:
         """Fetch an http(s) URL (see :mod:`rlm_mcp.store.urlfetch`) and store the body as text."""
         limit = self._limit(max_bytes)
         shown = urlfetch.redact(url)
-        writer = ContentWriter(self.root, "text")
+        writer = self._writer("text")
         try:
-            async with urlfetch.open_url(url, settings=self.settings, max_bytes=limit) as body:
+            async with urlfetch.open_url(url, settings=self.settings, max_bytes=limit,
+                                         transport=self.url_transport) as body:
                 shown = body.url
                 feed = Feed(writer, ByteBudget(limit, lambda cap: self._too_big(shown, "sent more bytes", cap, max_bytes)),
                              lambda reason: self._binary_message(shown, reason), body.charset)
@@ -218,20 +172,21 @@ class ContextStore:
                 f"combining these {len(infos)} contexts gives {count:,} documents and {total:,} bytes, "
                 f"over the limit of {self.settings.max_files:,} documents / "
                 f"{self.settings.max_context_bytes:,} bytes: combine fewer handles")
-        writer = ContentWriter(self.root, "documents")
+        writer = self._writer("documents")
+        block = self.sizes.peek_block
         try:
             for info in infos:
-                content = self._dir(info.handle) / self._meta(info.handle)["content"]
+                content = self.layout.content(info.handle, self.layout.meta(info.handle))
                 with open(content, "rb") as fh:
                     if info.kind == "text":
                         writer.begin_document(info.name)
-                        for text in iter_chars(fh, 0, False, None):
+                        for text in iter_chars(fh, 0, False, None, block=block):
                             writer.text(text)
                         writer.end_document()
                         continue
-                    for doc in self._documents(info.handle):
+                    for doc in self.layout.documents(info.handle):
                         writer.begin_document(f"{info.name}/{doc['path']}")
-                        for text in iter_chars(fh, doc["start"], True, doc["end"]):
+                        for text in iter_chars(fh, doc["start"], True, doc["end"], block=block):
                             writer.text(text)
                         writer.end_document()
         except BaseException:
@@ -245,36 +200,23 @@ class ContextStore:
 
     def get(self, handle: str) -> ContextInfo:
         """The stored context's info, or ContextError for an unknown handle."""
-        return ContextInfo.model_validate(self._meta(handle)["info"])
+        return ContextInfo.model_validate(self.layout.meta(handle)["info"])
 
     def list(self) -> list[ContextInfo]:
         """All stored contexts, oldest first."""
-        infos = []
-        for entry in sorted(os.listdir(self.root)):
-            if _HANDLE_RE.fullmatch(entry):
-                meta = self._read_meta(self.root / entry)
-                if meta is not None:
-                    infos.append(ContextInfo.model_validate(meta["info"]))
-        return sorted(infos, key=lambda info: (info.created_at, info.handle))
+        return sorted(self.layout.infos(), key=lambda info: (info.created_at, info.handle))
 
     def delete(self, handle: str) -> ContextInfo:
         """Remove a context; returns what it was."""
         info = self.get(handle)
-        trash = self.root / f"{_TRASH_PREFIX}{uuid.uuid4().hex}"
-        try:
-            os.rename(self._dir(handle), trash)
-        except FileNotFoundError:
-            raise self._unknown(handle) from None
-        shutil.rmtree(trash, ignore_errors=True)
-        with self._lock:
-            self._documents_cache.pop(handle, None)
+        self.layout.delete(handle)
         log.info("deleted context %s (%s)", handle, info.name)
         return info
 
     def context_file(self, handle: str) -> ContextFile:
         """Where the content is on disk and its kind, for a sandbox to load."""
-        meta = self._meta(handle)
-        return ContextFile(path=self._dir(handle) / meta["content"], kind=meta["info"]["kind"])
+        meta = self.layout.meta(handle)
+        return ContextFile(path=self.layout.content(handle, meta), kind=meta["info"]["kind"])
 
     def verify(self, handle: str) -> None:
         """Raise ContextError unless the stored content still has the sha256 it was loaded with.
@@ -282,16 +224,16 @@ class ContextStore:
         Blocking, and about 0.6-0.9 s per GB here (hashing runs at memory speed with SHA-NI);
         run it in a thread. The handle is re-derived too, so editing ``meta.json`` to match
         altered content is caught as well."""
-        meta = self._meta(handle)
+        meta = self.layout.meta(handle)
         info = ContextInfo.model_validate(meta["info"])
-        path = self._dir(handle) / meta["content"]
+        path = self.layout.content(handle, meta)
         try:
             with open(path, "rb") as fh:
                 sha = hashlib.file_digest(fh, "sha256").hexdigest()
         except OSError as exc:
             raise ContextError(f"cannot read context {handle} ({info.name}): {exc.strerror}; delete it with "
                                "rlm_delete_context and load the input again") from None
-        if sha != info.sha256 or _handle_for(info.kind, sha) != handle:
+        if sha != info.sha256 or handle_for(info.kind, sha) != handle:
             raise ContextError(
                 f"context {handle} ({info.name}) was changed on disk after it was loaded (its sha256 is now "
                 f"{sha[:16]}..., not {info.sha256[:16]}...), so it was not used: delete it with "
@@ -301,22 +243,23 @@ class ContextStore:
              document: int | None = None) -> ContextPage:
         """Characters ``[start, start+length)`` (length capped at 20,000) of a text context, of one
         document, or of the documents view ``"=== path ===\\n" + text + "\\n"`` per document."""
-        meta = self._meta(handle)
+        meta = self.layout.meta(handle)
         info = ContextInfo.model_validate(meta["info"])
         if start < 0 or length < 1:
             raise ContextError(f"peek needs start >= 0 and length >= 1, got start={start}, length={length}")
         length = min(length, PEEK_MAX)
-        content = self._dir(handle) / meta["content"]
+        content = self.layout.content(handle, meta)
+        block = self.sizes.peek_block
         if info.kind == "text":
             if document is not None:
                 raise ContextError(f"{handle} is a text context with no documents: peek it without document")
             self._check_start(handle, start, info.characters)
             end = min(info.characters, start + length)
             with open(content, "rb") as fh:
-                text = read_slice(fh, [[0, 0]] + meta["index"], start, end - start)
+                text = read_slice(fh, [[0, 0]] + meta["index"], start, end - start, block=block)
             return ContextPage(handle=handle, start=start, end=end, total=info.characters, text=text,
                                next_start=end if end < info.characters else None)
-        docs = self._documents(handle)
+        docs = self.layout.documents(handle)
         if document is not None:
             if not 0 <= document < len(docs):
                 raise ContextError(f"{handle} has {len(docs):,} documents, numbered 0 to {len(docs) - 1:,}; "
@@ -325,8 +268,8 @@ class ContextStore:
             self._check_start(handle, start, doc["chars"])
             end = min(doc["chars"], start + length)
             with open(content, "rb") as fh:
-                text = read_slice(fh, [[0, doc["start"]]] + doc["index"], start, end - start,
-                                   escaped=True, stop=doc["end"])
+                text = read_slice(fh, [[0, doc["start"]]] + doc["index"], start, end - start, block=block,
+                                  escaped=True, stop=doc["end"])
             return ContextPage(handle=handle, start=start, end=end, total=doc["chars"], text=text,
                                next_start=end if end < doc["chars"] else None,
                                document=document, document_path=doc["path"])
@@ -357,7 +300,7 @@ class ContextStore:
                     if lo < hi:
                         if segment is None:
                             pieces.append(read_slice(fh, [[0, doc["start"]]] + doc["index"], lo - offset,
-                                                      hi - lo, escaped=True, stop=doc["end"]))
+                                                     hi - lo, block=self.sizes.peek_block, escaped=True, stop=doc["end"]))
                         else:
                             pieces.append(segment[lo - offset:hi - offset])
                     offset += size
@@ -396,67 +339,18 @@ class ContextStore:
                 "the text")
 
     def _roots(self) -> builtins.list[Path]:
-        return [Path(root).expanduser().resolve() for root in self.settings.allowed_roots]
+        return allowed_roots(self.settings)
 
-    def _resolve_local(self, given: str, shown: str) -> Path:
-        if not given.strip():
-            raise ContextError("path is empty: pass the absolute path of a file or directory")
-        if "\x00" in given:
-            raise ContextError(f"the path {shown} contains a NUL character (\\x00), which no file name can hold: "
-                               "pass the path without it")
-        path = Path(given.strip()).expanduser()
-        if not path.is_absolute():
-            path = Path.cwd() / path
-        try:
-            resolved = path.resolve(strict=True)
-        except FileNotFoundError:
-            raise ContextError(
-                f"no such file or directory: {shown} (relative paths are resolved against the server's "
-                f"working directory, {Path.cwd()}): check the path, or pass an absolute one") from None
-        except OSError as exc:
-            raise ContextError(describe_os_error(exc, f"resolving {shown}")) from None
-        except RuntimeError:  # a symlink loop
-            raise ContextError(f"cannot resolve {shown}: it is a loop of symbolic links; pass the real path "
-                               "of the file") from None
-        roots = self._roots()
-        if roots and not inside_roots(resolved, roots):
-            raise ContextError(
-                f"{shown} resolves to {resolved}, outside the allowed roots "
-                f"({', '.join(str(root) for root in roots)}): load a file inside one of them, or ask "
-                "the operator to add its folder to RLM_MCP_ALLOWED_ROOTS")
-        return resolved
-
-    @staticmethod
-    def _open_regular(resolved: Path, shown: str, roots: builtins.list[Path] | None = None) -> BinaryIO:
-        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
-        try:
-            fd = os.open(resolved, flags)
-        except PermissionError:
-            raise ContextError(f"cannot read {shown}: permission denied; make it readable by the user "
-                               "running the rlm-mcp server, or copy it somewhere readable") from None
-        except OSError as exc:
-            raise ContextError(f"cannot open {shown}: {exc.strerror}; check the path") from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise ContextError(f"{shown} is not a regular file or directory (a device, FIFO or socket): "
-                               "save its data to a regular file and load that")
-        opened = Path(f"/proc/self/fd/{fd}")
-        if roots and opened.exists():
-            # Checked on what was actually opened: a path swapped for a symlink after the
-            # roots check must not lead outside the roots.
-            if not inside_roots(Path(os.readlink(opened)), roots):
-                os.close(fd)
-                raise ContextError(f"{shown} now points outside the allowed roots "
-                                   f"({', '.join(map(str, roots))}): it was not loaded")
-        return os.fdopen(fd, "rb")
+    def _writer(self, kind: ContextKind) -> ContentWriter:
+        return ContentWriter(self.root, kind, self.sizes)
 
     def _load_stream(self, stream: BinaryIO, *, kind_shown: str, name: str, source: str, limit: int,
                      max_bytes: int | None, notes: builtins.list[str]) -> ContextInfo:
-        writer = ContentWriter(self.root, "text")
+        writer = self._writer("text")
         try:
             feed = Feed(writer, ByteBudget(limit, lambda cap: self._too_big(kind_shown, "is larger", cap, max_bytes)),
-                         lambda reason: self._binary_message(kind_shown, reason))
-            while chunk := stream.read(CHUNK_SIZE):
+                        lambda reason: self._binary_message(kind_shown, reason))
+            while chunk := stream.read(self.sizes.read):
                 feed.push(chunk)
             feed.close()
         except OSError as exc:
@@ -487,25 +381,25 @@ class ContextStore:
                    if limit < self.settings.max_context_bytes and scan.total > limit else ""))
         skipped = scan.skipped
         budget = ByteBudget(limit, lambda cap: self._too_big(shown, "grew while loading", cap, max_bytes))
-        writer = ContentWriter(self.root, "documents")
+        writer = self._writer("documents")
         try:
             roots = self._roots()
             for rel, path in scan.files:
                 try:
-                    fh = self._open_regular(path, rel, roots)
+                    fh = open_regular(path, rel, roots, self.files)
                 except ContextError:
                     skipped["unreadable"] += 1
                     continue
                 with fh:
                     try:
-                        head = read_at_least(fh.read, store_io.SNIFF_BYTES)
+                        head = read_at_least(fh.read, self.sizes.sniff)
                         if binary_reason(head, pick_encoding(head, None)[0]):
                             skipped["binary"] += 1
                             continue
                         writer.begin_document(rel)
                         feed = Feed(writer, budget, lambda reason: self._binary_message(rel, reason))
                         feed.push(head)
-                        while chunk := fh.read(CHUNK_SIZE):
+                        while chunk := fh.read(self.sizes.read):
                             feed.push(chunk)
                         feed.close()
                         writer.end_document()
@@ -525,7 +419,7 @@ class ContextStore:
         """Finish a load: write meta, rename the temp dir into place (or reuse an existing copy)."""
         try:
             sha = writer.close()
-            handle = _handle_for(writer.kind, sha)
+            handle = handle_for(writer.kind, sha)
             notes = list(notes)
             notes.extend(sorted(writer.encoding_notes))
             if writer.replaced and not any("U+FFFD" in note for note in notes):
@@ -539,145 +433,7 @@ class ContextStore:
                 sha256=sha, preview=writer.preview, source=source,
                 created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 skipped=skipped or {}, decoding_replaced=writer.replaced > 0, notes=notes)
-            if writer.kind == "documents":
-                writer.write_json("documents.json", {"documents": writer.docs})
-            writer.write_json("meta.json", {"format": 1, "content": writer.file_name,
-                                            "index": writer.index, "info": info.model_dump()})
-            target = self._dir(handle)
-            for _attempt in range(3):
-                if target.exists():     # renamed in whole, so meta.json is there unless damaged
-                    existing = self._read_meta(target)
-                    if existing is not None:
-                        writer.discard()
-                        if existing["info"].get("sha256") != sha:
-                            raise ContextError(f"handle {handle} is taken by different content (a 64-bit "
-                                               "prefix collision): nothing was stored; report this")
-                        return self._reuse(handle, existing, name)
-                    self._set_aside(target)
-                try:
-                    os.rename(writer.dir, target)
-                except OSError:
-                    continue            # lost a race with a concurrent load of the same content
-                with store_io.ACTIVE_LOCK:
-                    store_io.ACTIVE_TMP.discard(str(writer.dir))
-                self._fsync_dir(self.root)
-                log.info("stored context %s (%s, %s, %s chars) from %s", handle, name, writer.kind,
-                         f"{writer.chars:,}", source)
-                return info
-            raise ContextError(f"could not store the context in {self.root}: retry the load")
+            return self.layout.commit(writer, info)
         except BaseException:
             writer.discard()
             raise
-
-    def _set_aside(self, target: Path) -> None:
-        """Remove a damaged handle directory (no readable meta.json) so a good copy can replace it."""
-        trash = self.root / f"{_TRASH_PREFIX}{uuid.uuid4().hex}"
-        try:
-            os.rename(target, trash)
-        except FileNotFoundError:
-            return                      # deleted meanwhile
-        log.warning("replacing damaged context directory %s", target)
-        shutil.rmtree(trash, ignore_errors=True)
-
-    def _reuse(self, handle: str, meta: dict[str, Any], name: str) -> ContextInfo:
-        """The content is already stored: record ``name`` as an alias and return the original."""
-        info = ContextInfo.model_validate(meta["info"])
-        if name != info.name and name not in info.aliases:
-            with _META_LOCK:
-                fresh = self._read_meta(self._dir(handle))
-                if fresh is not None:
-                    fresh["info"]["aliases"] = list(fresh["info"].get("aliases", [])) + [name]
-                    try:
-                        self._write_meta(self._dir(handle), fresh)
-                        info = ContextInfo.model_validate(fresh["info"])
-                    except OSError as exc:  # a name is not worth failing the load for
-                        log.warning("could not record the alias of %s: %s", handle, exc.strerror)
-        reply = info.model_copy(deep=True)
-        reply.notes.append(f"this content was already stored as {info.name!r}; the same handle is returned")
-        return reply
-
-    def _write_meta(self, directory: Path, meta: dict[str, Any]) -> None:
-        temp = directory / f"meta.json.{uuid.uuid4().hex}.tmp"
-        try:
-            with open_private(temp) as fh:
-                json.dump(meta, fh, ensure_ascii=False)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(temp, directory / "meta.json")
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
-
-    def _dir(self, handle: str) -> Path:
-        if not isinstance(handle, str) or not _HANDLE_RE.fullmatch(handle):
-            raise self._unknown(handle)
-        return self.root / handle
-
-    @staticmethod
-    def _unknown(handle: object) -> ContextError:
-        return ContextError(f"unknown context handle {quoted(handle)}: call rlm_list_contexts to see the "
-                            "handles, or rlm_load_context to load one")
-
-    @staticmethod
-    def _read_meta(directory: Path) -> dict[str, Any] | None:
-        try:
-            with open(directory / "meta.json", encoding="utf-8") as fh:
-                meta = json.load(fh)
-            ContextInfo.model_validate(meta["info"])
-            return meta
-        except (OSError, ValueError, KeyError, TypeError, pydantic.ValidationError):
-            return None
-
-    def _meta(self, handle: str) -> dict[str, Any]:
-        meta = self._read_meta(self._dir(handle))
-        if meta is None:
-            raise self._unknown(handle)
-        return meta
-
-    def _documents(self, handle: str) -> builtins.list[dict[str, Any]]:
-        with self._lock:
-            cached = self._documents_cache.get(handle)
-        if cached is None:
-            try:
-                with open(self._dir(handle) / "documents.json", encoding="utf-8") as fh:
-                    cached = json.load(fh)["documents"]
-            except (OSError, ValueError, KeyError):
-                raise self._unknown(handle) from None
-            with self._lock:
-                if len(self._documents_cache) >= 16:
-                    self._documents_cache.clear()
-                self._documents_cache[handle] = cached
-        return cached
-
-    @staticmethod
-    def _fsync_dir(directory: Path) -> None:
-        try:
-            fd = os.open(directory, os.O_RDONLY)
-        except OSError:
-            return                      # not supported on this platform (Windows)
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-    def _clean_leftovers(self) -> None:
-        """Remove temp dirs of crashed loads and half-deleted handles."""
-        for entry in os.listdir(self.root):
-            path = self.root / entry
-            if entry.startswith(_TRASH_PREFIX):
-                shutil.rmtree(path, ignore_errors=True)
-            elif entry.startswith(store_io.TMP_PREFIX):
-                with store_io.ACTIVE_LOCK:
-                    if str(path) in store_io.ACTIVE_TMP:
-                        continue
-                pid_text = entry[len(store_io.TMP_PREFIX):].split("-", 1)[0]
-                pid = int(pid_text) if pid_text.isdigit() else -1
-                try:
-                    stale = time.time() - path.stat().st_mtime > STALE_TMP_S
-                except OSError:
-                    continue
-                if pid == os.getpid() or not pid_alive(pid) or stale:
-                    log.info("removing leftover temp dir %s", path)
-                    shutil.rmtree(path, ignore_errors=True)

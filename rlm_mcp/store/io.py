@@ -1,7 +1,8 @@
 """Streaming text I/O for the context store: decoding with counted replacements, binary sniffing,
 atomic temp-directory writers with a sparse character index, and index-guided slicing.
 
-Internal to :mod:`rlm_mcp.store`; the constants are module attributes so tests can shrink them.
+Internal to :mod:`rlm_mcp.store`. Step sizes come in a :class:`ChunkSizes` the store is built
+with (tests shrink them to reach every boundary).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shutil
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -22,16 +24,29 @@ from rlm_mcp.errors import ContextError, describe_os_error
 from rlm_mcp.private import open_private, private_dir
 from rlm_mcp.sandbox.base import ContextKind
 
-INDEX_INTERVAL = 1_000_000      # characters between sparse-index entries (char -> byte offset)
 PREVIEW_CHARS = 300
-SNIFF_BYTES = 8192              # bytes inspected to tell text from binary
 BINARY_REPLACED_RATIO = 0.15    # more invalid sequences per byte than this: binary
-PEEK_BLOCK = 1 << 16
 TMP_PREFIX = ".tmp-"
 
-ACTIVE_TMP: set[str] = set()    # temp dirs of loads in progress in this process
-ACTIVE_LOCK = threading.Lock()
+_ACTIVE_TMP: set[str] = set()   # temp dirs of loads in progress in this process (any store)
+_ACTIVE_LOCK = threading.Lock()
 _TLS = threading.local()
+
+
+@dataclass(frozen=True)
+class ChunkSizes:
+    """The store's streaming step sizes (a constructor parameter of the store)."""
+
+    read: int = 1 << 20               # bytes read (or characters written) per step
+    index_interval: int = 1_000_000   # characters between sparse-index entries (char -> byte offset)
+    peek_block: int = 1 << 16         # bytes read per step when reading stored text back
+    sniff: int = 8192                 # bytes inspected to tell text from binary
+
+
+def load_in_progress(directory: Path) -> bool:
+    """True while a :class:`ContentWriter` of this process still owns ``directory``."""
+    with _ACTIVE_LOCK:
+        return str(directory) in _ACTIVE_TMP
 
 
 def _count_replacement(exc: UnicodeError) -> tuple[str, int]:
@@ -134,11 +149,12 @@ class ByteBudget:
 class ContentWriter:
     """Streams one context into a fresh temp directory inside the store root."""
 
-    def __init__(self, root: Path, kind: ContextKind) -> None:
+    def __init__(self, root: Path, kind: ContextKind, sizes: ChunkSizes = ChunkSizes()) -> None:
         self.kind = kind
+        self.sizes = sizes
         self.dir = root / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
-        with ACTIVE_LOCK:
-            ACTIVE_TMP.add(str(self.dir))
+        with _ACTIVE_LOCK:
+            _ACTIVE_TMP.add(str(self.dir))
         self.file_name = "content.txt" if kind == "text" else "content.jsonl"
         self._fh: BinaryIO | None = None
         try:
@@ -191,13 +207,13 @@ class ContentWriter:
         if self._doc is None:
             if self.kind != "text":
                 raise RuntimeError("text written outside a document")
-            if self.chars - self._mark >= INDEX_INTERVAL:
+            if self.chars - self._mark >= self.sizes.index_interval:
                 self.index.append([self.chars, self.bytes])
                 self._mark = self.chars
             self._write(utf8 if utf8 is not None else text.encode("utf-8", "replace"))
         else:
             doc = self._doc
-            if doc["chars"] - doc["mark"] >= INDEX_INTERVAL:
+            if doc["chars"] - doc["mark"] >= self.sizes.index_interval:
                 doc["index"].append([doc["chars"], self.bytes])
                 doc["mark"] = doc["chars"]
             self._write(json.dumps(text, ensure_ascii=False)[1:-1].encode("utf-8", "replace"))
@@ -248,8 +264,12 @@ class ContentWriter:
                 pass  # the buffered tail could not be written (a full disk): it is deleted anyway
             self._fh = None
         shutil.rmtree(self.dir, ignore_errors=True)
-        with ACTIVE_LOCK:
-            ACTIVE_TMP.discard(str(self.dir))
+        self.placed()
+
+    def placed(self) -> None:
+        """The temp directory was renamed into place (or removed): no load owns it any more."""
+        with _ACTIVE_LOCK:
+            _ACTIVE_TMP.discard(str(self.dir))
 
 
 class Feed:
@@ -271,7 +291,7 @@ class Feed:
             self.writer.text(*self.decoder.decode_exact(chunk))
             return
         self.head += chunk
-        if len(self.head) >= SNIFF_BYTES:
+        if len(self.head) >= self.writer.sizes.sniff:
             self._start()
 
     def _start(self) -> None:
@@ -313,30 +333,31 @@ def escape_cut(buf: str) -> int:
     return len(buf) if len(buf) - k >= need else k
 
 
-def iter_chars(fh: BinaryIO, offset: int, escaped: bool, stop: int | None) -> Iterator[str]:
-    """The stored text from byte ``offset`` on (up to byte ``stop``), JSON-unescaped if asked."""
+def iter_chars(fh: BinaryIO, offset: int, escaped: bool, stop: int | None, *, block: int) -> Iterator[str]:
+    """The stored text from byte ``offset`` on (up to byte ``stop``), JSON-unescaped if asked,
+    read ``block`` bytes at a time."""
     fh.seek(offset)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     pending = ""
     position = offset
     while True:
-        size = PEEK_BLOCK if stop is None else min(PEEK_BLOCK, stop - position)
-        block = fh.read(size) if size > 0 else b""
-        position += len(block)
-        text = decoder.decode(block, final=not block)
+        size = block if stop is None else min(block, stop - position)
+        data = fh.read(size) if size > 0 else b""
+        position += len(data)
+        text = decoder.decode(data, final=not data)
         if escaped:
             buf = pending + text
-            cut = len(buf) if not block else escape_cut(buf)
+            cut = len(buf) if not data else escape_cut(buf)
             pending = buf[cut:]
             text = json.loads('"' + buf[:cut] + '"') if cut else ""
         if text:
             yield text
-        if not block:
+        if not data:
             return
 
 
-def read_slice(fh: BinaryIO, index: list[list[int]], start: int, count: int, *,
-                escaped: bool = False, stop: int | None = None) -> str:
+def read_slice(fh: BinaryIO, index: list[list[int]], start: int, count: int, *, block: int,
+               escaped: bool = False, stop: int | None = None) -> str:
     """``count`` characters from char ``start``, seeking via the sparse (char, byte) index."""
     if count <= 0:
         return ""
@@ -344,7 +365,7 @@ def read_slice(fh: BinaryIO, index: list[list[int]], start: int, count: int, *,
     char0, byte0 = index[bisect.bisect_right(chars, start) - 1]
     skip = start - char0
     pieces: list[str] = []
-    for text in iter_chars(fh, byte0, escaped, stop):
+    for text in iter_chars(fh, byte0, escaped, stop, block=block):
         if skip:
             if len(text) <= skip:
                 skip -= len(text)

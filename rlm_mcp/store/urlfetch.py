@@ -13,7 +13,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
 CHUNK_SIZE = 1 << 20
+
+# Makes the httpx transport of one load (a fresh one each time: a client closes its transport).
+# None: httpx's default. Tests pass one that trusts a test CA, or an httpx.MockTransport.
+TransportFactory = Callable[[], httpx.AsyncBaseTransport]
 _REDIRECT_CODES = (301, 302, 303, 307, 308)
 _TEXT_TYPES = (
     "application/json", "application/xml", "application/javascript", "application/ecmascript",
@@ -178,16 +182,19 @@ def _check_text_type(media: str, shown: str) -> None:
 
 
 @asynccontextmanager
-async def open_url(url: str, *, settings: Settings, max_bytes: int) -> AsyncIterator[UrlBody]:
+async def open_url(url: str, *, settings: Settings, max_bytes: int,
+                   transport: TransportFactory | None = None) -> AsyncIterator[UrlBody]:
     """Open ``url`` for streaming; everything inside the ``async with`` shares one deadline of
-    ``settings.url_timeout_s`` seconds. Raises ContextError for anything the caller must fix."""
+    ``settings.url_timeout_s`` seconds. Raises ContextError for anything the caller must fix.
+    ``transport`` makes the httpx transport (default: httpx's own, with its certificate checks)."""
     shown = redact(url)
     target = _parse(url, shown)
     timeout = httpx.Timeout(settings.url_timeout_s)
     try:
         async with asyncio.timeout(settings.url_timeout_s):
             async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False,
-                                         headers={"User-Agent": "rlm-mcp"}) as client:
+                                         headers={"User-Agent": "rlm-mcp"},
+                                         transport=transport() if transport is not None else None) as client:
                 for _hop in range(MAX_REDIRECTS + 1):
                     response = await _send(client, target, settings)
                     try:

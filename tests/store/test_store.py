@@ -17,15 +17,15 @@ import pytest
 from rlm_mcp.config import Settings
 from rlm_mcp.errors import ContextError
 from rlm_mcp.sandbox.worker import PendingCalls, Repl
-from rlm_mcp.store import ContextStore
-from rlm_mcp.store import front as store_module
+from rlm_mcp.store import ChunkSizes, ContextStore, HostFiles
 from rlm_mcp.store import io as store_io
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def make_store(tmp_path: Path, **overrides: object) -> ContextStore:
-    return ContextStore(Settings(home=tmp_path / "home", **overrides))
+def make_store(tmp_path: Path, *, sizes: ChunkSizes = ChunkSizes(), files: HostFiles | None = None,
+               **overrides: object) -> ContextStore:
+    return ContextStore(Settings(home=tmp_path / "home", **overrides), sizes=sizes, files=files)  # type: ignore[arg-type]
 
 
 def handle_dirs(store: ContextStore) -> list[str]:
@@ -50,12 +50,9 @@ def store(tmp_path: Path) -> ContextStore:
 
 
 @pytest.fixture
-def small_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+def small_steps() -> ChunkSizes:
     """Tiny chunks, index interval and read blocks so every boundary case is exercised."""
-    monkeypatch.setattr(store_module, "CHUNK_SIZE", 5)
-    monkeypatch.setattr(store_io, "INDEX_INTERVAL", 7)
-    monkeypatch.setattr(store_io, "PEEK_BLOCK", 3)
-    monkeypatch.setattr(store_io, "SNIFF_BYTES", 4)
+    return ChunkSizes(read=5, index_interval=7, peek_block=3, sniff=4)
 
 
 # ----- text, handles, persistence ---------------------------------------------------------------
@@ -229,29 +226,33 @@ def test_concurrent_loads_of_same_content(tmp_path: Path) -> None:
     assert len(info.aliases) == len(stores) - 1
 
 
-def test_rename_race_discards_the_losing_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = make_store(tmp_path)
-    rival = make_store(tmp_path)
-    real_rename = os.rename
-    raced: list[bool] = []
+class RivalWinsTheRename(HostFiles):
+    """Lets a rival store load the same content between the existence check and the rename."""
 
-    def rename(src: object, dst: object) -> None:
-        if not raced and Path(str(src)).name.startswith(".tmp-") and Path(str(dst)).name.startswith("ctx_"):
-            raced.append(True)
-            rival.load_text("contended", name="rival")  # wins the race between check and rename
-        real_rename(src, dst)
+    def __init__(self, rival: ContextStore) -> None:
+        self.rival = rival
+        self.raced = False
 
-    monkeypatch.setattr(store_module.os, "rename", rename)
+    def rename(self, source: Path, target: Path) -> None:
+        if not self.raced and source.name.startswith(".tmp-") and target.name.startswith("ctx_"):
+            self.raced = True
+            self.rival.load_text("contended", name="rival")  # wins the race between check and rename
+        super().rename(source, target)
+
+
+def test_rename_race_discards_the_losing_copy(tmp_path: Path) -> None:
+    files = RivalWinsTheRename(make_store(tmp_path))
+    store = make_store(tmp_path, files=files)
     info = store.load_text("contended", name="mine")
-    assert raced and info.name == "rival" and info.aliases == ["mine"]
+    assert files.raced and info.name == "rival" and info.aliases == ["mine"]
     assert handle_dirs(store) == [info.handle] and temp_dirs(store) == []
 
 
 # ----- streaming, index, peek --------------------------------------------------------------------
 
 
-def test_sparse_index_and_peek_across_multibyte(tmp_path: Path, small_steps: None) -> None:
-    store = make_store(tmp_path)
+def test_sparse_index_and_peek_across_multibyte(tmp_path: Path, small_steps: ChunkSizes) -> None:
+    store = make_store(tmp_path, sizes=small_steps)
     text = "a\u00e9\u20ac\U0001f600\u4e2d\r\n" * 40
     source = tmp_path / "multi.txt"
     source.write_bytes(text.encode("utf-8"))
@@ -277,11 +278,11 @@ def test_sparse_index_and_peek_across_multibyte(tmp_path: Path, small_steps: Non
     assert "".join(pages) == text
 
 
-def test_chunked_decoding_matches_whole_decoding(tmp_path: Path, small_steps: None) -> None:
+def test_chunked_decoding_matches_whole_decoding(tmp_path: Path, small_steps: ChunkSizes) -> None:
     import random
     rng = random.Random(7)
     pieces = ["a", "\r\n", "\u00e9", "\u20ac", "\U0001f600"]
-    store = make_store(tmp_path)
+    store = make_store(tmp_path, sizes=small_steps)
     for trial in range(30):
         raw = b"".join(rng.choice(pieces).encode() if rng.random() < 0.9 else bytes([rng.randrange(0x80, 0x100)])
                        for _ in range(rng.randrange(40, 120)))
@@ -370,7 +371,19 @@ def test_binary_file_and_stream_refused(store: ContextStore, tmp_path: Path) -> 
 # ----- paths: errors and allowed roots ---------------------------------------------------------
 
 
-def test_path_errors(store: ContextStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+class DenyOpen(HostFiles):
+    """Refuses to open one file name as the kernel refuses an unreadable file (tests run as root)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def open(self, path: Path, flags: int) -> int:
+        if path.name == self.name:
+            raise PermissionError(13, "Permission denied")
+        return super().open(path, flags)
+
+
+def test_path_errors(store: ContextStore, tmp_path: Path) -> None:
     with pytest.raises(ContextError, match="no such file or directory: .*pass an absolute one"):
         store.load_path(str(tmp_path / "missing.txt"))
     with pytest.raises(ContextError, match="path is empty"):
@@ -387,16 +400,9 @@ def test_path_errors(store: ContextStore, tmp_path: Path, monkeypatch: pytest.Mo
         store.load_path(str(empty))
     locked = tmp_path / "locked.txt"
     locked.write_text("secret")
-    real_open = os.open
-
-    def deny(path: object, flags: int, *args: object) -> int:
-        if Path(str(path)).name == "locked.txt":
-            raise PermissionError(13, "Permission denied")
-        return real_open(path, flags, *args)
-
-    monkeypatch.setattr(store_module.os, "open", deny)
+    guarded = make_store(tmp_path, files=DenyOpen("locked.txt"))
     with pytest.raises(ContextError, match="permission denied; make it readable"):
-        store.load_path(str(locked))
+        guarded.load_path(str(locked))
     assert store.list() == [] and temp_dirs(store) == []
 
 
@@ -476,8 +482,8 @@ def test_directory_documents(store: ContextStore, tmp_path: Path) -> None:
     assert info.preview == view[:300]
 
 
-def test_directory_peek_view_and_documents(tmp_path: Path, small_steps: None) -> None:
-    store = make_store(tmp_path)
+def test_directory_peek_view_and_documents(tmp_path: Path, small_steps: ChunkSizes) -> None:
+    store = make_store(tmp_path, sizes=small_steps)
     tree = tmp_path / "proj"
     make_tree(tree)
     info = store.load_path(str(tree))
@@ -594,14 +600,31 @@ def test_text_with_the_same_bytes_as_a_document_list_is_a_different_context(stor
     assert store.get(docs.handle).kind == "documents"
 
 
+class SwapForSymlinkBeforeOpen(HostFiles):
+    """Replaces the checked file with a symlink to ``target`` between the roots check and the open."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        self.swapped = False
+
+    def open(self, path: Path, flags: int) -> int:
+        if path.name == "report.txt" and not self.swapped:
+            self.swapped = True
+            path.unlink()
+            path.symlink_to(self.target)
+        return super().open(path, flags)
+
+
 def test_a_file_swapped_for_a_symlink_out_of_the_roots_after_checking_is_not_read(tmp_path: Path) -> None:
     inside, outside = tmp_path / "inside", tmp_path / "outside"
     inside.mkdir(), outside.mkdir()
     (outside / "secret.txt").write_text("outside the roots")
-    swapped = inside / "report.txt"
-    swapped.symlink_to(outside / "secret.txt")  # as if replaced between the scan and the open
+    (inside / "report.txt").write_text("inside the roots")
+    files = SwapForSymlinkBeforeOpen(outside / "secret.txt")
+    store = make_store(tmp_path, files=files, allowed_roots=(inside.resolve(),))
     with pytest.raises(ContextError, match="now points outside the allowed roots"):
-        ContextStore._open_regular(swapped, "report.txt", [inside.resolve()])
+        store.load_path(str(inside / "report.txt"))
+    assert files.swapped and store.list() == [] and temp_dirs(store) == []
 
 
 # ----- privacy and integrity ----------------------------------------------------------------------

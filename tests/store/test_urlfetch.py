@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 
 from rlm_mcp.config import Settings
@@ -98,9 +99,10 @@ def redirect(location: str, status: int = 302) -> Route:
     return reply(b"", status=status, headers={"Location": location})
 
 
-def make_store(tmp_path: Path, **overrides: object) -> ContextStore:
+def make_store(tmp_path: Path, *, url_transport: urlfetch.TransportFactory | None = None,
+               **overrides: object) -> ContextStore:
     settings = {"allow_private_urls": True, "url_timeout_s": 10.0, **overrides}
-    return ContextStore(Settings(home=tmp_path / "home", **settings))  # type: ignore[arg-type]
+    return ContextStore(Settings(home=tmp_path / "home", **settings), url_transport=url_transport)  # type: ignore[arg-type]
 
 
 def assert_nothing_stored(store: ContextStore) -> None:
@@ -298,8 +300,7 @@ async def test_connection_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("cert_name, ok", [("localhost", True), ("elsewhere.example", False)])
-async def test_https_pinned_address_keeps_certificate_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                             cert_name: str, ok: bool) -> None:
+async def test_https_pinned_address_keeps_certificate_checks(tmp_path: Path, cert_name: str, ok: bool) -> None:
     """The connection goes to the checked IP, yet TLS still verifies the URL's host name."""
     if shutil.which("openssl") is None:
         if os.environ.get("CI") == "true":
@@ -309,13 +310,13 @@ async def test_https_pinned_address_keeps_certificate_checks(tmp_path: Path, mon
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
                     "-subj", f"/CN={cert_name}", "-addext", f"subjectAltName=DNS:{cert_name}",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
-    monkeypatch.setattr(urlfetch.httpx, "AsyncClient", functools.partial(
-        urlfetch.httpx.AsyncClient, verify=ssl.create_default_context(cafile=str(cert))))
+    trusting_the_test_ca = ssl.create_default_context(cafile=str(cert))
     server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_tls.load_cert_chain(str(cert), str(key))
     with serve("127.0.0.1", server_tls) as state:
         state.routes["/secure.txt"] = reply(b"over tls")
-        store = make_store(tmp_path)
+        # The store's transport seam: httpx's own transport, trusting only the test certificate.
+        store = make_store(tmp_path, url_transport=functools.partial(httpx.AsyncHTTPTransport, verify=trusting_the_test_ca))
         url = f"https://localhost:{state.port}/secure.txt"
         if ok:
             assert store.peek((await store.load_url(url)).handle).text == "over tls"
