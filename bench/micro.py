@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 import shutil
 import tempfile
 import time
@@ -23,6 +24,7 @@ from bench.mcp_client import McpServer, server_env, time_to_initialize
 from bench.report import cell
 from bench.scenarios import Task
 from bench.store_micro import generate
+from bench.subcall_micro import micro_cli_wall, micro_cpu_subcall, micro_loop_stall, micro_overload
 from bench.systems import DRIVER_TIMEOUT_S, EMULATOR_API_KEY, EMULATOR_SNAPSHOT, Session, run_system, warm_up
 from rlm_mcp.config import Settings
 from rlm_mcp.sandbox import ContextFile, SandboxProvider
@@ -44,15 +46,20 @@ async def micro_initialize(session: Session) -> None:
         session.micro.append({"micro": "server start to initialize result (stdio)", "system": "rlm-mcp",
                               "value": spread(times), "unit": "s",
                               "detail": f"{n} process starts, raw JSON-RPC initialize"})
-        firsts = []
+        firsts, warms = [], []
         for _ in range(n):
             server = McpServer(env)
             async with server.running():
                 firsts.append(await warm_up(session, server, "local"))
+                warms.append(await warm_up(session, server, "local"))
         session.micro.append({"micro": "first rlm_complete on a fresh server (trivial task, local sandbox)",
                               "system": "rlm-mcp", "value": spread(firsts), "unit": "s",
-                              "detail": "includes the lazy litellm import and a sandbox start; later calls skip "
-                                        "the import (timed scenarios run one such warm-up call first)"})
+                              "detail": "sent right after initialize: waits (off the event loop) for what is left "
+                                        "of litellm's warm-up import, and starts a sandbox"})
+        session.micro.append({"micro": "the same call again on that (warm) server", "system": "rlm-mcp",
+                              "value": spread(warms), "unit": "s",
+                              "detail": f"first/warm ratio {statistics.median(firsts) / statistics.median(warms):.2f} "
+                                        "(medians)"})
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
@@ -248,5 +255,6 @@ async def micro_load(session: Session) -> None:
 
 MICROS: dict[str, Callable[[Session], Awaitable[None]]] = {
     "micro-initialize": micro_initialize, "micro-sandbox": micro_sandbox, "micro-subcall": micro_subcall,
-    "micro-fanout": micro_fanout, "micro-load-1gb": micro_load,
+    "micro-fanout": micro_fanout, "micro-load-1gb": micro_load, "micro-cpu-subcall": micro_cpu_subcall,
+    "micro-loop-stall": micro_loop_stall, "overload-429": micro_overload, "micro-cli-wall": micro_cli_wall,
 }

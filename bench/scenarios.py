@@ -18,7 +18,8 @@ QUERY = "What is the secret code hidden in the context? Answer with the code onl
 COUNT_QUERY = "How many secret codes appear across all the documents? Answer with a number."
 
 TASK_SCENARIOS = ("needle-1mb", "needle-10mb", "needle-100mb", "docs-1000", "recursive-depth2")
-MICRO_SCENARIOS = ("micro-initialize", "micro-sandbox", "micro-subcall", "micro-fanout", "micro-load-1gb")
+MICRO_SCENARIOS = ("micro-initialize", "micro-sandbox", "micro-subcall", "micro-fanout", "micro-load-1gb",
+                   "micro-cpu-subcall", "micro-loop-stall", "overload-429", "micro-cli-wall")
 ALL_SCENARIOS = TASK_SCENARIOS + MICRO_SCENARIOS
 SYSTEMS = ("rlm-mcp/local", "rlm-mcp/docker", "rlm-mcp/daytona-emulator", "rlm-mcp-api/local",
            "reference/local", "reference/docker")

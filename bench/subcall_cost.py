@@ -229,11 +229,12 @@ def _priced(litellm: Any, model: str) -> bool:
     return bool(info.get("input_cost_per_token") or info.get("output_cost_per_token"))
 
 
-async def rlm_mcp_client(api_base: str, model: str, knobs: list[str]) -> Call:
+async def rlm_mcp_client(api_base: str, model: str, knobs: list[str], model_client: str = "auto") -> Call:
     from rlm_mcp.config import Settings
     from rlm_mcp.engine.models import ModelClient
 
-    client = ModelClient(Settings(api_base=api_base, api_key="sk-bench", model_retries=0, model_timeout_s=60))
+    client = ModelClient(Settings(api_base=api_base, api_key="sk-bench", model_retries=0, model_timeout_s=60,
+                                  model_client=model_client))
 
     async def call(messages: list[dict[str, str]]) -> str:
         return (await client.complete(model, messages)).text
@@ -312,7 +313,10 @@ async def aiohttp_client(api_base: str, model: str, knobs: list[str]) -> Call:
 
 
 VARIANTS: dict[str, tuple[str, Callable[[str, str, list[str]], Awaitable[Call]]]] = {
-    "rlm-mcp": ("rlm_mcp.engine.models.ModelClient.complete as shipped (litellm inside)", rlm_mcp_client),
+    "rlm-mcp": ("rlm_mcp.engine.models.ModelClient.complete as shipped (direct path for openai/<name> + api_base)",
+                rlm_mcp_client),
+    "rlm-mcp-litellm": ("ModelClient.complete with RLM_MCP_MODEL_CLIENT=litellm (warm-up, gc.freeze, limiter)",
+                        lambda api_base, model, knobs: rlm_mcp_client(api_base, model, knobs, "litellm")),
     "litellm": ("raw litellm.acompletion(num_retries=0), defaults otherwise", litellm_client),
     "openai-sdk": ("openai.AsyncOpenAI, one client reused", openai_client),
     "httpx": ("httpx.AsyncClient POST + response.json(), one client reused", httpx_client),
@@ -519,10 +523,11 @@ async def measure_engine(variant: str, api_base: str, documents: int) -> dict[st
             return Completion(model, body["choices"][0]["message"]["content"] or "", int(usage.get("prompt_tokens", 0)),
                               int(usage.get("completion_tokens", 0)), None, time.perf_counter() - began)
 
-    clients = {"engine": ModelClient, "engine-null": NullClient, "engine-direct": DirectClient,
-               "engine-aiohttp": AiohttpClient}
+    clients = {"engine": ModelClient, "engine-litellm": ModelClient, "engine-null": NullClient,
+               "engine-direct": DirectClient, "engine-aiohttp": AiohttpClient}
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(home=Path(tmp) / "home", model="openai/count", api_base=api_base, api_key="sk-bench")
+        settings = Settings(home=Path(tmp) / "home", model="openai/count", api_base=api_base, api_key="sk-bench",
+                            model_client="litellm" if base == "engine-litellm" else "auto")
         store = ContextStore(settings)
         needles = write_documents(Path(tmp) / "docs", documents)
         info = store.load_path(str(Path(tmp) / "docs"))
@@ -550,6 +555,48 @@ async def measure_engine(variant: str, api_base: str, documents: int) -> dict[st
     return {"variant": variant, "subcalls": result.subcalls, "max_in_flight": result.max_subcalls_in_flight,
             "wall_s": wall, "cpu_s": cpu, "cpu_ms_per_subcall": cpu / result.subcalls * 1000,
             "loop": probe.report.__dict__, "gc": gcw.summary(), "steps": steps.summary()}
+
+
+async def measure_needle(api_base: str, size_mb: int, model_client: str = "auto") -> dict[str, Any]:
+    """Two ``RlmEngine`` runs over a ``size_mb`` MB haystack (policy ``needle``) in a fresh
+    process, the event loop watched throughout: the first run includes litellm's warm-up (in its
+    thread), the second is warm. The loop's longest stall is the figure issue 12 bounds (~10 ms)."""
+    import tempfile
+
+    from bench.common import MB, write_haystack
+    from rlm_mcp.config import Settings
+    from rlm_mcp.engine import RlmEngine, RunRequest
+    from rlm_mcp.engine.runs import shape_of
+    from rlm_mcp.store import ContextStore
+
+    out: dict[str, Any] = {"size_mb": size_mb, "model_client": model_client, "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(home=Path(tmp) / "home", model="openai/needle", api_base=api_base, api_key="sk-bench",
+                            model_client=model_client)
+        path = Path(tmp) / "haystack.txt"
+        write_haystack(path, size_mb * MB, "LAG-7Q")
+        engine = RlmEngine(settings)
+        engine.models.start_warm_up()  # as the server does when it starts
+        try:
+            for label in ("first (fresh process)", "warm"):
+                with GcWatch() as gcw, StepWatch() as steps:
+                    async with LoopLagProbe() as probe:
+                        began = time.perf_counter()
+                        store = ContextStore(settings)
+                        info = await asyncio.to_thread(store.load_path, str(path))
+                        request = RunRequest(query="What is the secret code?", context=store.context_file(info.handle),
+                                             shape=shape_of(info))
+                        result = await engine.run(request)
+                        wall = time.perf_counter() - began
+                if result.answer != "LAG-7Q":
+                    raise RuntimeError(f"needle run answered {result.answer!r}: {result.error}")
+                out["runs"].append({"run": label, "wall_s": wall, "run_s": result.elapsed_s,
+                                    "subcalls": result.subcalls, "loop": probe.report.__dict__,
+                                    "gc": gcw.summary(), "steps": steps.summary()})
+        finally:
+            await engine.sandboxes.aclose()
+            await engine.models.aclose()
+    return out
 
 
 def section_engine(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -709,6 +756,9 @@ def child_main(args: argparse.Namespace) -> None:
     if args.child_import:
         print(json.dumps(asyncio.run(import_with_probe(args.child_import))))
         return
+    if args.child_needle:
+        print(json.dumps(asyncio.run(measure_needle(args.api_base, args.child_needle, args.model_client))))
+        return
     prompt = SMALL_PROMPT
     if args.prompt_mb:
         size = int(args.prompt_mb * 1024 * 1024)
@@ -762,12 +812,14 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-import", help=argparse.SUPPRESS)
     parser.add_argument("--child-engine", help=argparse.SUPPRESS)
+    parser.add_argument("--child-needle", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--model-client", default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--api-base", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="openai/needle", help=argparse.SUPPRESS)
     parser.add_argument("--prompt-mb", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--profile-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child or args.child_import or args.child_engine:
+    if args.child or args.child_import or args.child_engine or args.child_needle:
         child_main(args)
         return
     args.variants = [v for v in args.variants.split(",") if v]
