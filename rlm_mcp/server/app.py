@@ -30,6 +30,9 @@ def serve(settings: Settings, transport: str = "stdio", host: str = "127.0.0.1",
     # The token rule first: a refused bind must not leave anything behind.
     auth = None if transport == "stdio" else http_auth(settings, host, port)
     services = Services.create(settings)
+    # litellm's multi-second import runs in a thread from now on, while the server starts and
+    # the host initializes: no request ever waits for it on the event loop.
+    services.engine.models.start_warm_up()
     server = build_server(services, view_base=None if auth is None else view_base_url(host, port))
     closed = asyncio.Event()
 
