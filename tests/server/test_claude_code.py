@@ -29,6 +29,7 @@ from mcp.client.stdio import stdio_client
 
 from rlm_mcp.testing.anthropic_server import ANSWER_PREFIX, HostAgent, ScriptedAnthropicServer, conversation
 from rlm_mcp.testing.model_server import ScriptedModelServer, secret_needle
+from rlm_mcp.viewer import VIEW_TOOL
 from tests.conftest import haystack
 from tests.server.test_transports import REPO, RLM_MCP, TOOLS, server_env
 
@@ -42,7 +43,8 @@ QUESTION = "What is the secret code?"
 # What Claude Code needs to talk to nothing but the endpoint it is given.
 QUIET = {"DISABLE_TELEMETRY": "1", "DISABLE_ERROR_REPORTING": "1",
          "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1"}
-MCP_TOOLS = {f"mcp__rlm__{name}" for name in TOOLS}
+# The viewer's data tool is app-only (_meta ui.visibility ["app"]): Claude Code does not offer it.
+MCP_TOOLS = {f"mcp__rlm__{name}" for name in TOOLS if name != VIEW_TOOL}
 
 
 def in_ci() -> bool:
