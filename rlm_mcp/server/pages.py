@@ -65,7 +65,8 @@ class RunPages:
         if scope["type"] != "http" or not is_runs_path(scope.get("path") or ""):
             await self.app(scope, receive, send)
             return
-        headers = {name.lower(): value.decode("latin-1") for name, value in scope.get("headers") or []}
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1")
+                   for name, value in scope.get("headers") or []}
         refusal = self._refusal(headers)
         if refusal is not None:
             await _send(send, 403, "text/plain; charset=utf-8", refusal.encode())

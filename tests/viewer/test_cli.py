@@ -76,7 +76,7 @@ def test_run_verbose_prints_iterations_view_opens_the_page_and_runs_lists_it(
 def test_view_of_an_unknown_or_hostile_run_says_what_to_do(model_server: ScriptedModelServer, tmp_path: Path):
     env = server_env(model_server, tmp_path / "home")
     for target, expected in (("run-20260101-120000-abcdef", "rlm-mcp runs"),
-                             ("../../etc/passwd", "is not a trajectory"),
+                             ("/etc/passwd", "is not a trajectory"),
                              ("../run-20260101-120000-abcdef", "is not a run id"),
                              (str(tmp_path / "missing.jsonl"), "no trajectory")):
         result = rlm_mcp(env, "view", target, "--no-open")
