@@ -182,7 +182,8 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
                           "names a run whose context to use")
     engine = RlmEngine(settings)
     engine.models.start_warm_up()  # litellm imports in a thread while the context loads
-    # Check the model, sub-model and sandbox before copying a possibly huge input into the store.
+    # Check the model, sub-model and sandbox before copying a possibly huge input into the store (the
+    # model strings only for shape while litellm still loads; fully at the start of the run).
     given = args.context is not None
     engine.prepare(RunRequest(query=args.question, context=ContextFile(None) if given else None,
                               shape=ContextShape("text", 0) if given else None, model=args.model,
