@@ -43,8 +43,10 @@ def test_a_finished_run_shows_outcome_usage_charts_and_iterations(viewer: Viewer
     assert page.locator("header pre.answer").inner_text() == "VIEW-7"
     assert "openai/needle" in page.locator("table.usage").inner_text()
     assert rows(page) == run.result.iterations
-    assert page.locator(".charts svg").count() == 2 and page.locator(".charts rect").count() >= run.result.iterations
-    assert "not available" in page.locator(".inflight").inner_text()  # the engine records no start times
+    assert page.locator(".charts svg").count() == 3 and page.locator(".charts rect").count() >= run.result.iterations
+    # The engine records when each sub-call started: the in-flight chart is drawn, with its peak.
+    inflight = page.locator(".inflight").inner_text()
+    assert "Sub-calls in flight" in inflight and "peak" in inflight and "not available" not in inflight
     page.locator(".it-row").first.click()
     body = page.locator(".it-body").first
     assert "print" in body.locator("pre.code").first.inner_text()
@@ -95,7 +97,7 @@ def test_child_rlms_expand_into_the_same_view(viewer: Viewer, engine_runs, tmp_p
     assert children.count() == 3
     children.first.locator(".child-row").click()
     child = children.first.locator(".child-body")
-    assert child.locator(".it-row").count() >= 1 and child.locator(".charts svg").count() == 2
+    assert child.locator(".it-row").count() >= 1 and child.locator(".charts svg").count() == 3
     child.locator(".it-row").first.click()
     assert child.locator(".it-body pre.code").count() >= 1
     # A sub-call that started a child links to it.
