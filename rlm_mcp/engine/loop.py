@@ -421,6 +421,7 @@ class _Rlm:
         self.empty_replies = 0  # in a row
         self.chars_per_token = 4.0  # measured on each root call, for the compaction estimate
         self.compacted = 0
+        self.part = 1  # a run resumed after a limit is part 2 (its trajectory holds part 1 too)
         self.cell_calls: list[dict[str, Any]] = []
         self.trajectory: TrajectoryWriter | None = None
 
@@ -441,6 +442,7 @@ class _Rlm:
             pending = len(earlier.meta.get("pending_messages") or [])
             self.logged = len(self.messages) - pending
             first_iteration = earlier.iterations + 1
+            self.part = max((int(r.get("part") or 1) for r in earlier.records), default=1) + 1
             self.first_message = next((m["content"] for m in self.messages if m.get("role") == "user"), "")
             self.messages.append({"role": "user", "content": prompts.RESUME.format(
                 limit=earlier.meta.get("limit"), iteration=first_iteration,
@@ -775,6 +777,8 @@ class _Rlm:
                       "output_tokens": reply.output_tokens, "cost_usd": reply.cost_usd}}
         if compaction is not None:
             record["compaction"] = compaction
+        if self.part > 1:
+            record["part"] = self.part
         self.trajectory.iteration(record)
         if self.tree.on_event is not None:  # e.g. `rlm-mcp run --verbose`
             self.engine._emit(self.tree, "iteration_done", self.depth, self.iteration, force=True,

@@ -239,7 +239,9 @@ class RunManager:
         answer = meta.get("answer")
         return RunResult(run_id=run_id, status=status if status in FINISHED else "failed", answer=answer,
                          partial=answer is not None and status != "completed", continued_from=meta.get("continued_from"),
-                         limit=meta.get("limit"), error=meta.get("error"), iterations=len(iterations),
+                         limit=meta.get("limit"), error=meta.get("error"),
+                         # the metadata's count: iteration lines include last answer-now calls
+                         iterations=meta.get("iterations") or len(iterations),
                          subcalls=meta.get("subcalls") or 0, usage=usage, elapsed_s=meta.get("elapsed_s") or 0.0,
                          trajectory_path=str(path))
 

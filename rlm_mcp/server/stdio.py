@@ -63,6 +63,8 @@ async def stop_work(services: Services, grace_s: float = STOP_GRACE_S) -> None:
     """Cancel the runs (their sandboxes close as they unwind), mark their trajectories, and
     hand whatever cannot be removed in time to a detached reaper."""
     unfinished = await services.runs.stop(grace_s)
+    with contextlib.suppress(Exception):  # idle sandboxes kept for follow-ups (a timeout included)
+        await asyncio.wait_for(services.engine.keeper.aclose(), grace_s)
     backends = services.engine.sandboxes.in_use()
     if unfinished or any(name != "local" for name in backends):
         # Containers (docker), remote sandboxes (daytona) or a run that overran the grace: the

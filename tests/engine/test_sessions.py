@@ -207,6 +207,7 @@ async def test_a_run_stopped_by_max_iterations_resumes_in_the_same_loop(settings
     assert second.usage[model].input_tokens == first.usage[model].input_tokens + new_input
     meta, records = read_trajectory(Path(second.trajectory_path))
     assert [r["iteration"] for r in records] == [1, 2, 2, 3]  # both parts, the answer-now call included
+    assert [r["part"] for r in records] == [1, 1, 1, 2]
     assert meta["usage"][model]["calls"] == second.usage[model].calls and meta["continued_from"] == first.run_id
 
 
