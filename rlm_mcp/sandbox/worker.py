@@ -17,6 +17,9 @@ Options (all optional; the local backend uses them, Docker and Daytona need none
 ``context_path`` (the sandbox's user may not be allowed to open the store's file);
 ``--site-dir PATH`` adds a site directory (the server's packages, reached through a descriptor);
 ``--max-processes N`` caps the processes of the sandbox's user (counted per user namespace).
+
+Over 500 lines on purpose: it is shipped as one file (bind-mounted into containers, uploaded to
+Daytona) and runs without the package, so it cannot be split into modules.
 """
 
 from __future__ import annotations

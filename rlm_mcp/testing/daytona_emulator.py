@@ -25,6 +25,10 @@ operations (past a client's timeout) and sessions that die when some input arriv
 
 Run standalone: ``python -m rlm_mcp.testing.daytona_emulator --port 3986``, then point rlm-mcp at it with
 ``DAYTONA_API_URL=http://127.0.0.1:3986/api DAYTONA_API_KEY=test``.
+
+Over 500 lines on purpose: one aiohttp app whose route handlers share the sandbox table, the
+fault hooks and the two error shapes; the state they drive is in
+:mod:`rlm_mcp.testing.daytona_state`.
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import logging
 import os
 import shutil
@@ -41,195 +44,16 @@ import sys
 import tempfile
 import threading
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 from aiohttp import BodyPartReader, WSMsgType, web
 
+from rlm_mcp.testing.daytona_state import (
+    LOG_CHUNK, SOURCE_API, SOURCE_DAEMON, STDERR_PREFIX, STDOUT_PREFIX, EmulatedCommand, EmulatedSandbox,
+    EmulatedSession, Faults, PartialLine, demux, kill_processes_in, now)
+
 log = logging.getLogger("daytona_emulator")
-
-STDOUT_PREFIX = b"\x01\x01\x01"
-STDERR_PREFIX = b"\x02\x02\x02"
-LOG_CHUNK = 1024  # the daemon reads and sends the log in chunks of this size
-LINE_IN_MEMORY = 1 << 20  # a longer line being relabelled goes to a file
-SOURCE_API = "DAYTONA_API"
-SOURCE_DAEMON = "DAYTONA_DAEMON"
-
-# Operation names used for fault injection.
-OPERATIONS = ("create_sandbox", "get_sandbox", "delete_sandbox", "toolbox_proxy_url",
-              "create_session", "delete_session", "session_exec", "send_input", "command_logs",
-              "get_command", "execute", "upload", "work_dir")
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-@dataclass
-class Faults:
-    """What the emulator should get wrong. Counts are consumed one per matching request."""
-
-    errors: dict[str, int] = field(default_factory=dict)       # operation -> number of 500s
-    rate_limits: dict[str, int] = field(default_factory=dict)  # operation -> number of 429s
-    delays: dict[str, float] = field(default_factory=dict)     # operation -> seconds before answering
-    kill_session_on_input: str | None = None  # kill the session when input contains this text
-    break_log_streams: int = 0  # close this many log WebSockets abnormally (1011) mid-stream
-
-    def clear(self) -> None:
-        self.errors.clear()
-        self.rate_limits.clear()
-        self.delays.clear()
-        self.kill_session_on_input = None
-        self.break_log_streams = 0
-
-
-class PartialLine:
-    """A line being relabelled: in memory while short, spilled to a file in ``directory``."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.head = bytearray()
-        self.spill: Any = None
-        self.size = 0
-
-    def add(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.spill is None and len(self.head) + len(data) <= LINE_IN_MEMORY:
-            self.head += data
-            return
-        if self.spill is None:
-            self.spill = tempfile.TemporaryFile(dir=self.directory)
-            self.spill.write(self.head)
-            self.head = bytearray()
-        self.spill.write(data)
-
-    def copy_to(self, target: Any) -> None:
-        """Write the line so far to ``target`` (blocking, for a spilled line)."""
-        if self.spill is None:
-            target.write(self.head)
-            return
-        self.spill.seek(0)
-        shutil.copyfileobj(self.spill, target, 1 << 20)
-
-    def clear(self) -> None:
-        if self.spill is not None:
-            self.spill.close()
-        self.spill, self.head, self.size = None, bytearray(), 0
-
-
-class EmulatedCommand:
-    """One session command: a local process and its relabelled log (a file)."""
-
-    def __init__(self, command_id: str, command: str, suppress_input_echo: bool, log_dir: Path) -> None:
-        self.id = command_id
-        self.command = command
-        self.suppress_input_echo = suppress_input_echo
-        self.process: asyncio.subprocess.Process | None = None
-        self.log_dir = log_dir
-        self._log = open(log_dir / f"{command_id}.log", "w+b")
-        self.log_size = 0
-        self.exit_code: int | None = None
-        self.finished = False
-        self.version = 0
-        self.changed = asyncio.Condition()
-        self.input_lock = asyncio.Lock()
-        self.tasks: list[asyncio.Task[None]] = []
-
-    async def append(self, data: bytes) -> None:
-        async with self.changed:
-            self._write(data)
-
-    async def append_line(self, prefix: bytes, line: PartialLine) -> None:
-        """Append ``prefix`` + the line + newline as one entry (the other stream waits)."""
-        async with self.changed:
-            self._log.seek(0, os.SEEK_END)
-            self._log.write(prefix)
-            if line.spill is None:
-                self._log.write(line.head)
-            else:
-                await asyncio.to_thread(line.copy_to, self._log)
-            self._write(b"\n")
-
-    def _write(self, data: bytes) -> None:
-        self._log.seek(0, os.SEEK_END)
-        self._log.write(data)
-        self._log.flush()
-        self.log_size = self._log.tell()
-        self.version += 1
-        self.changed.notify_all()
-
-    def read_log(self, offset: int = 0, size: int | None = None) -> bytes:
-        """The log from ``offset`` (at most ``size`` bytes)."""
-        if self._log.closed:
-            return b""
-        return os.pread(self._log.fileno(), self.log_size - offset if size is None else size, offset)
-
-    def close_log(self) -> None:
-        self._log.close()
-
-    async def finish(self, exit_code: int) -> None:
-        async with self.changed:
-            if not self.finished:
-                self.exit_code = exit_code
-                self.finished = True
-                self.version += 1
-                self.changed.notify_all()
-
-    async def wait_change(self, version: int) -> None:
-        async with self.changed:
-            await self.changed.wait_for(lambda: self.version != version)
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-        if self.process is not None and self.process.stdin is not None:
-            self.process.stdin.close()  # the daemon's end of the input pipe goes with the session
-
-    def dto(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"id": self.id, "command": self.command}
-        if self.exit_code is not None:
-            data["exitCode"] = self.exit_code
-        return data
-
-
-class EmulatedSession:
-    def __init__(self, session_id: str) -> None:
-        self.id = session_id
-        self.commands: dict[str, EmulatedCommand] = {}
-        self.ended = False
-
-    def kill(self) -> None:
-        self.ended = True
-        for command in self.commands.values():
-            command.kill()
-
-
-class EmulatedSandbox:
-    def __init__(self, sandbox_id: str, name: str, root: Path, request: dict[str, Any]) -> None:
-        self.id = sandbox_id
-        self.name = name
-        self.root = root
-        self.request = request
-        self.state = "started"
-        self.sessions: dict[str, EmulatedSession] = {}
-        self.created_at = self.updated_at = _now()
-
-    @property
-    def labels(self) -> dict[str, str]:
-        return dict(self.request.get("labels") or {})
-
-    def resolve(self, path: str) -> Path:
-        """A sandbox path on the host; relative paths start at the working directory."""
-        candidate = Path(path)
-        if not candidate.is_absolute():
-            candidate = self.root / candidate
-        resolved = Path(os.path.normpath(candidate))
-        if resolved != self.root and self.root not in resolved.parents:
-            raise PermissionError(f"path {path!r} is outside the sandbox")
-        return resolved
-
 
 class DaytonaEmulator:
     """The emulator; :meth:`start` serves it from a background thread on 127.0.0.1."""
@@ -375,7 +199,7 @@ class DaytonaEmulator:
         reasons = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 409: "Conflict",
                    410: "Gone", 429: "Too Many Requests", 500: "Internal Server Error"}
         body = {"statusCode": status, "message": message, "error": reasons.get(status, "Error"),
-                "path": request.path, "method": request.method, "timestamp": _now(),
+                "path": request.path, "method": request.method, "timestamp": now(),
                 "source": SOURCE_API}
         headers = {"Retry-After": "1"} if status == 429 else None
         return web.json_response(body, status=status, headers=headers)
@@ -383,7 +207,7 @@ class DaytonaEmulator:
     @staticmethod
     def _daemon_error(status: int, message: str, request: web.Request, code: str | None = None) -> web.Response:
         body: dict[str, Any] = {"statusCode": status, "message": message, "path": request.path,
-                                "method": request.method, "timestamp": _now(), "source": SOURCE_DAEMON}
+                                "method": request.method, "timestamp": now(), "source": SOURCE_DAEMON}
         if code:
             body["code"] = code
         return web.json_response(body, status=status)
@@ -504,10 +328,10 @@ class DaytonaEmulator:
             self.sandboxes.pop(sandbox.id, None)
             self.deleted[sandbox.id] = sandbox
         sandbox.state = "destroyed"
-        sandbox.updated_at = _now()
+        sandbox.updated_at = now()
         for session in sandbox.sessions.values():
             await self._end_session(session)
-        _kill_processes_in(sandbox.root)  # as stopping the container would
+        kill_processes_in(sandbox.root)  # as stopping the container would
         await asyncio.to_thread(shutil.rmtree, sandbox.root, True)
         await asyncio.to_thread(shutil.rmtree, self._workspace / f"{sandbox.id}.logs", True)
 
@@ -702,7 +526,7 @@ class DaytonaEmulator:
         while not command.finished:
             await command.wait_change(command.version)
         log_bytes = command.read_log()
-        stdout, stderr = _demux(log_bytes)
+        stdout, stderr = demux(log_bytes)
         return web.json_response({"cmdId": command.id, "exitCode": command.exit_code,
                                   "output": log_bytes.decode("utf-8", "replace"),
                                   "stdout": stdout, "stderr": stderr})
@@ -772,7 +596,7 @@ class DaytonaEmulator:
         if trigger is not None and trigger in data:  # the session's processes die (say, OOM)
             self.faults.kill_session_on_input = None
             session.kill()
-            _kill_processes_in(sandbox.root)
+            kill_processes_in(sandbox.root)
         return web.Response(status=204)
 
     async def command_logs(self, request: web.Request) -> web.StreamResponse:
@@ -783,7 +607,7 @@ class DaytonaEmulator:
         follow = request.query.get("follow", "").lower() in ("1", "true")
         if request.headers.get("Upgrade", "").lower() != "websocket":
             log_bytes = command.read_log()
-            stdout, stderr = _demux(log_bytes)
+            stdout, stderr = demux(log_bytes)
             output = log_bytes.replace(STDOUT_PREFIX, b"").replace(STDERR_PREFIX, b"")
             return web.json_response({"output": output.decode("utf-8", "replace"),
                                       "stdout": stdout, "stderr": stderr})
@@ -826,36 +650,6 @@ async def _wait_closed(ws: web.WebSocketResponse) -> None:
     async for message in ws:
         if message.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
             return
-
-
-def _kill_processes_in(root: Path) -> None:
-    """SIGKILL every process whose working directory is inside ``root`` (Linux /proc)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cwd = Path(os.readlink(entry / "cwd"))
-        except OSError:
-            continue
-        if cwd == root or root in cwd.parents:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(int(entry.name), signal.SIGKILL)
-
-
-def _demux(log_bytes: bytes) -> tuple[str, str]:
-    """Split a relabelled log into (stdout, stderr) text."""
-    out, err = bytearray(), bytearray()
-    target = out
-    index = 0
-    while index < len(log_bytes):
-        if log_bytes.startswith(STDOUT_PREFIX, index):
-            target, index = out, index + len(STDOUT_PREFIX)
-        elif log_bytes.startswith(STDERR_PREFIX, index):
-            target, index = err, index + len(STDERR_PREFIX)
-        else:
-            target.append(log_bytes[index])
-            index += 1
-    return out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
 
 def main() -> None:

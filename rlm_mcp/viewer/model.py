@@ -10,6 +10,9 @@ and prompts (the messages sent to the root model) are not read at all.
 Tolerant by design: a run in progress (metadata ``status: running``, a last line half written),
 lines that are not JSON or not objects, fields of the wrong type. Nothing here trusts a string:
 the renderer puts them in the page as text only.
+
+Over 500 lines on purpose: the budget pass (caps from every string's length) and the builder that
+applies those caps are two halves of one algorithm over the same tolerant readers.
 """
 
 from __future__ import annotations
