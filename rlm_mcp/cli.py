@@ -127,8 +127,10 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "runs":
             _runs(settings, args.limit, args.json)
         elif args.command == "sandbox" and args.sandbox_command == "build":
-            from rlm_mcp.sandbox.docker import build_sandbox_image
-
+            try:
+                from rlm_mcp.sandbox.docker import build_sandbox_image
+            except ImportError as exc:  # the wheel without its [docker] extra
+                raise ConfigError(f"the Docker backend needs docker-py ({exc}): pip install 'rlm-mcp[docker]'") from exc
             print(build_sandbox_image(settings, offline=args.offline))
         elif args.command == "sandbox":
             from rlm_mcp.sandbox.daytona import create_snapshot
