@@ -46,8 +46,8 @@ async def test_a_follow_up_reads_a_variable_the_first_run_created(settings, tmp_
         engine.sandboxes.register(request.getfixturevalue(f"{backend}_provider"))
     try:
         first, follow = await first_and_follow_up(engine, tmp_path, recording, f"follow-{backend}")
-    finally:
-        await engine.aclose()
+    finally:  # the docker and daytona providers are the session's: close only what this engine kept
+        await (engine.aclose() if backend == "local" else engine.keeper.aclose())
     assert (first.status, first.answer) == ("completed", "stored")
     assert (follow.status, follow.answer, follow.continued_from) == ("completed", "42", first.run_id)
     assert follow.notes == [] and follow.usage[f"openai/follow-{backend}-2"].calls == 1  # usage is its own
