@@ -267,9 +267,10 @@ class RlmEngine:
     async def run(self, request: RunRequest, *, run_id: str | None = None,
                   on_event: Callable[[RunEvent], None] | None = None) -> RunResult:
         """Run to the end. Invalid requests raise; everything after start ends in a RunResult."""
-        # The model check needs litellm: wait for the warm-up off the loop (the cheap checks in
-        # prepare() ran already when the caller started the run).
-        await self.models.ready()
+        # The model check needs litellm unless both models take the direct path: wait for its
+        # warm-up off the loop (the cheap checks in prepare() ran when the caller started the run).
+        model_name = request.model or self.settings.model or ""
+        await self.models.ready(model_name, request.sub_model or self.settings.sub_model or model_name)
         plan = self._plan(request)
         model, sub_model, limits = plan.model, plan.sub_model, plan.limits
         run_id = run_id or unique_run_id()

@@ -16,6 +16,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import gc
+import importlib.util
+import json
 import logging
 import os
 import random
@@ -23,6 +25,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from rlm_mcp.config import Settings
@@ -39,6 +42,7 @@ MODEL_HINT = ("use a litellm model string with its provider prefix, e.g. 'openai
               "RLM_MCP_API_BASE for any OpenAI-compatible server")
 OVERLOAD_STATUSES = frozenset({429, 503, 529})  # the provider says "fewer calls, please"
 MAX_BACKOFF_S = 8.0
+MAX_RETRY_AFTER_S = 60.0  # a hostile or broken Retry-After must not stall a call for hours
 # Models litellm had no price for, which we registered with zero prices (litellm's table is
 # process-wide, so this is too): their cost is reported as null, never as 0.
 _REGISTERED_UNPRICED: set[str] = set()
@@ -62,7 +66,7 @@ class Models(Protocol):
 
     def start_warm_up(self) -> None: ...
 
-    async def ready(self) -> None: ...
+    async def ready(self, *models: str) -> None: ...
 
     def check_model(self, model: str | None) -> str: ...
 
@@ -132,6 +136,44 @@ def warm_up_litellm() -> Any:
     return litellm
 
 
+_BUNDLED_TABLE: bytes | None = None
+TABLE_FILE = "model_prices_and_context_window_backup.json"
+
+
+def bundled_model_entry(name: str) -> dict[str, Any] | None:
+    """litellm's price-table entry for an OpenAI model ``name``, read from the JSON file litellm
+    ships (the table it uses itself with LITELLM_LOCAL_MODEL_COST_MAP) without importing it.
+
+    Only the one entry is decoded: parsing the whole 3.5 MB table holds the GIL for ~40 ms."""
+    global _BUNDLED_TABLE
+    if _BUNDLED_TABLE is None:
+        spec = importlib.util.find_spec("litellm")  # locates the package, does not import it
+        locations = list(spec.submodule_search_locations or []) if spec else []
+        try:
+            _BUNDLED_TABLE = Path(locations[0], TABLE_FILE).read_bytes() if locations else b""
+        except OSError:
+            _BUNDLED_TABLE = b""
+    table = _BUNDLED_TABLE
+    for key in (name, f"openai/{name}"):
+        at = table.find(b'\n    ' + json.dumps(key).encode() + b': {')  # top-level keys only
+        if at < 0:
+            continue
+        start = table.index(b"{", at)
+        size = 16_384
+        while True:
+            chunk = table[start:start + size].decode("utf-8", "replace")
+            try:
+                entry, _ = json.JSONDecoder().raw_decode(chunk)
+                break
+            except ValueError:
+                if start + size >= len(table):
+                    return None
+                size *= 4
+        if isinstance(entry, dict) and entry.get("litellm_provider") in (None, "openai", "text-completion-openai"):
+            return entry
+    return None
+
+
 class ModelClient:
     """Async completions for any litellm provider, with retries, error mapping and an adaptive
     concurrency limit per provider (shared by every run that uses this client)."""
@@ -151,10 +193,19 @@ class ModelClient:
     # ----- warm-up: litellm is imported in a thread, never on the event loop ----------------
 
     def start_warm_up(self) -> None:
-        """Start importing litellm in a daemon thread (once); returns at once.
+        """Start importing litellm in a daemon thread if the configured models need it; returns
+        at once. Models on the direct path never need it (a request naming another model
+        imports it then, off the event loop too): the process then saves the ~200 MB and the
+        seconds of GIL contention the import costs."""
+        configured = [m for m in (self.settings.model, self.settings.effective_sub_model) if m]
+        if configured and all(self.uses_direct_path(m) for m in configured):
+            return
+        self._start_import()
 
-        A thread of its own, not the default executor: a multi-second import must not hold a
-        slot that ``asyncio.to_thread`` callers (context checks, file work) need meanwhile."""
+    def _start_import(self) -> None:
+        """Import litellm in a daemon thread (once). A thread of its own, not the default
+        executor: a multi-second import must not hold a slot that ``asyncio.to_thread`` callers
+        (context checks, file work) need meanwhile."""
         with self._warm_lock:
             if self._warm is not None:
                 return
@@ -173,24 +224,18 @@ class ModelClient:
     def is_ready(self) -> bool:
         return self._litellm is not None
 
-    async def ready(self) -> None:
-        """Wait (off the event loop) until litellm is imported; starts the warm-up if needed."""
-        if self._litellm is not None:
+    async def ready(self, *models: str) -> None:
+        """Wait (off the event loop) until ``models`` can be called: until litellm is imported,
+        unless every one of them takes the direct path (no models: litellm)."""
+        if self._litellm is not None or (models and all(m and self.uses_direct_path(m) for m in models)):
             return
-        self.start_warm_up()
+        self._start_import()
         assert self._warm is not None
         try:
             litellm = await asyncio.wrap_future(self._warm)
         except Exception as exc:
             raise ModelError(f"the model library (litellm) failed to load: {exc!r}; reinstall rlm-mcp") from exc
         self._litellm = litellm
-
-    def wait_ready(self, timeout: float | None = None) -> None:
-        """The blocking form of :meth:`ready`, for code that has no event loop."""
-        if self._litellm is None:
-            self.start_warm_up()
-            assert self._warm is not None
-            self._litellm = self._warm.result(timeout)
 
     @property
     def litellm(self) -> Any:
@@ -207,8 +252,8 @@ class ModelClient:
         :meth:`RlmEngine.run` checks again after ``await ready()``."""
         if not model or not model.strip():
             raise ModelError("no model configured: set RLM_MCP_MODEL (or pass model=...); " + MODEL_HINT)
-        if self._litellm is None:
-            return model
+        if self._litellm is None or self.uses_direct_path(model):
+            return model  # openai/<name> at an api_base: litellm routes any name there
         try:
             self._litellm.get_llm_provider(model=model, api_base=self.settings.api_base)
         except Exception as exc:  # litellm raises BadRequestError for unknown providers
@@ -218,11 +263,8 @@ class ModelClient:
     def context_window(self, model: str) -> int | None:
         """Input tokens ``model`` accepts, from litellm's model table; None when it does not know."""
         if model not in self._windows:
-            try:
-                info = self.litellm.get_model_info(model)
-                window = info.get("max_input_tokens") or info.get("max_tokens")
-            except Exception:  # litellm raises for models missing from its table
-                window = None
+            info = self._model_info(model)
+            window = (info.get("max_input_tokens") or info.get("max_tokens")) if info else None
             self._windows[model] = int(window) if isinstance(window, int) and window > 0 else None
         return self._windows[model]
 
@@ -238,7 +280,8 @@ class ModelClient:
 
     async def complete(self, model: str, messages: list[dict[str, str]]) -> Completion:
         """One chat completion; retries 429, 5xx, timeouts and connection errors with backoff."""
-        await self.ready()
+        if self._litellm is None:
+            await self.ready(model)
         attempts = self.settings.model_retries + 1
         for attempt in range(1, attempts + 1):
             started = time.perf_counter()
@@ -273,12 +316,14 @@ class ModelClient:
             yield slot
 
     def _backoff(self, attempt: int, failure: Failure) -> float:
-        if self.settings.adaptive_concurrency and failure.overloaded and failure.retry_after_s is not None:
-            return 0.0  # the limiter pauses new attempts until Retry-After; waiting twice would be slower
+        """Seconds before the next attempt: the provider's Retry-After when it gave one (with the
+        adaptive limit, no backoff on top: the lowered limit paces the calls), else an
+        exponential backoff with jitter."""
+        wait = None if failure.retry_after_s is None else min(failure.retry_after_s, MAX_RETRY_AFTER_S)
+        if self.settings.adaptive_concurrency and failure.overloaded and wait is not None:
+            return wait * (1.0 + 0.1 * random.random())  # jitter: the refused calls must not return together
         delay = min(MAX_BACKOFF_S, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random())
-        if failure.retry_after_s is not None:
-            delay = max(delay, min(failure.retry_after_s, 60.0))
-        return delay
+        return delay if wait is None else max(delay, wait)
 
     async def _attempt(self, model: str, messages: list[dict[str, str]]) -> tuple[str, int, int, float | None]:
         """(text, input tokens, output tokens, cost) of one attempt, or raise Failure."""
@@ -327,10 +372,22 @@ class ModelClient:
             self._prices[model] = self._read_prices(model)
         return self._prices[model]
 
+    def _model_info(self, model: str) -> dict[str, Any] | None:
+        """litellm's entry for a model (prices, context window); None when it has none. Without
+        importing litellm for direct-path models: their entry is read from the table it ships."""
+        if self._litellm is not None:
+            try:
+                info = self._litellm.get_model_info(model)
+            except Exception:  # litellm raises for models missing from its table
+                return None
+            return dict(info) if info else None
+        if self.uses_direct_path(model):
+            return bundled_model_entry(model.split("/", 1)[1])
+        return None
+
     def _read_prices(self, model: str) -> Prices | None:
-        try:
-            info = self.litellm.get_model_info(model)
-        except Exception:  # litellm raises for models it has no entry for
+        info = self._model_info(model)
+        if not info:
             return None
         input_price, output_price = info.get("input_cost_per_token"), info.get("output_cost_per_token")
         if not isinstance(input_price, (int, float)) or not isinstance(output_price, (int, float)):

@@ -80,7 +80,7 @@ class FakeModelClient:
     def start_warm_up(self) -> None:
         """Nothing to load: the real client imports litellm here."""
 
-    async def ready(self) -> None:
+    async def ready(self, *models: str) -> None:
         """Always ready (the real client waits for litellm's import)."""
 
     def check_model(self, model: str | None) -> str:

@@ -180,15 +180,28 @@ async def test_a_grown_limit_admits_queued_callers_without_waiting_for_a_release
     await b.finish()
 
 
-async def test_retry_after_pauses_new_calls_until_it_has_passed() -> None:
+async def test_retry_after_above_the_floor_lowers_the_limit_without_pausing() -> None:
     clock = FakeClock()
     limiter = AdaptiveLimiter(8, clock=clock)
     holders = await hold(limiter, 2)
     await holders[0].finish("overloaded", retry_after=10.0)
+    assert limiter.limit == 4 and limiter.state().paused_for_s == 0.0
+    (next_call,) = await hold(limiter, 1)  # capacity 4, 1 in flight: the provider can take it
+    assert next_call.granted.is_set()
+    await next_call.finish()
+    await holders[1].finish()
+
+
+async def test_retry_after_at_the_floor_pauses_new_calls_until_it_has_passed() -> None:
+    clock = FakeClock()
+    limiter = AdaptiveLimiter(2, clock=clock)
+    holders = await hold(limiter, 2)
+    await holders[0].finish("overloaded", retry_after=10.0)  # 2 -> 1: even one at a time is refused
     waiting = await hold(limiter, 1)
-    assert not waiting[0].granted.is_set()  # capacity is free (limit 4, 1 in flight) but paused
+    assert limiter.limit == 1
     assert limiter.state().paused_for_s == pytest.approx(10.0)
     await holders[1].finish("ok")  # a release during the pause grants nothing
+    assert not waiting[0].granted.is_set()
     await clock.advance(9.9)
     assert not waiting[0].granted.is_set()
     await clock.advance(0.1)
@@ -198,12 +211,12 @@ async def test_retry_after_pauses_new_calls_until_it_has_passed() -> None:
 
 async def test_a_later_longer_retry_after_extends_the_pause() -> None:
     clock = FakeClock()
-    limiter = AdaptiveLimiter(8, clock=clock)
+    limiter = AdaptiveLimiter(2, clock=clock)
     holders = await hold(limiter, 2)
     await holders[0].finish("overloaded", retry_after=5.0)
     (waiting,) = await hold(limiter, 1)
     await holders[1].finish("overloaded", retry_after=20.0)  # same round: no second halving
-    assert limiter.limit == 4
+    assert limiter.limit == 1
     await clock.advance(6.0)
     assert not waiting.granted.is_set()
     await clock.advance(14.0)
@@ -213,7 +226,7 @@ async def test_a_later_longer_retry_after_extends_the_pause() -> None:
 
 async def test_a_huge_retry_after_is_capped_and_nonsense_is_ignored() -> None:
     clock = FakeClock()
-    limiter = AdaptiveLimiter(8, clock=clock, max_pause_s=60.0)
+    limiter = AdaptiveLimiter(1, clock=clock, max_pause_s=60.0)
     (h,) = await hold(limiter, 1)
     await h.finish("overloaded", retry_after=1e9)
     assert limiter.state().paused_for_s == pytest.approx(60.0)

@@ -131,7 +131,7 @@ async def test_an_unreachable_endpoint_is_retried_as_unavailable(client):
     await dead.aclose()
 
 
-async def test_retry_after_pauses_the_provider_and_lowers_its_limit(client, model_server):
+async def test_retry_after_delays_the_retry_and_lowers_the_provider_limit(client, model_server):
     model_server.reset_stats()
     model_server.script("busy", [Fault(429, "slow down", headers={"Retry-After": "0.4"})])
     patient = retried(client.settings, client, 1)
@@ -207,7 +207,7 @@ class GatedLoader:
 
 async def test_ready_waits_for_the_warm_up_in_a_thread_while_the_loop_keeps_serving(settings):
     loader = GatedLoader()
-    client = ModelClient(settings, loader=loader)
+    client = ModelClient(replace(settings, model_client="litellm"), loader=loader)
     client.start_warm_up()
     ticks = 0
 
@@ -241,7 +241,7 @@ async def test_a_failed_warm_up_is_a_clear_model_error(settings):
     def broken() -> Any:
         raise ImportError("No module named 'litellm'")
 
-    client = ModelClient(settings, loader=broken)
+    client = ModelClient(replace(settings, model_client="litellm"), loader=broken)
     async with asyncio.timeout(10):
         with pytest.raises(ModelError, match="litellm.*failed to load.*reinstall"):
             await client.complete("openai/needle", PROMPT)
@@ -250,3 +250,42 @@ async def test_a_failed_warm_up_is_a_clear_model_error(settings):
 def test_the_model_library_is_never_used_before_it_is_ready(settings):
     with pytest.raises(RuntimeError, match="await ModelClient.ready"):
         ModelClient(settings, loader=GatedLoader()).litellm
+
+
+def never_imported() -> Any:
+    raise AssertionError("litellm was loaded for a model on the direct path")
+
+
+async def test_the_direct_path_never_waits_for_litellm_and_prices_from_its_shipped_table(settings, recording):
+    client = ModelClient(settings, loader=never_imported)
+    client.start_warm_up()  # the configured models take the direct path: nothing to import
+    assert client.check_model("openai/gpt-4.1-mini") == "openai/gpt-4.1-mini"
+    async with asyncio.timeout(10):
+        await client.ready("openai/gpt-4.1-mini", "openai/needle")
+        priced = await client.complete("openai/gpt-4.1-mini", PROMPT)
+        unpriced = await client.complete("openai/needle", PROMPT)
+    assert not client.is_ready
+    # The same prices and window litellm itself reports (litellm is loaded in this test process).
+    reference = ModelClient(replace(settings, model_client="litellm"))
+    await reference.ready()
+    info = reference.litellm.get_model_info("openai/gpt-4.1-mini")
+    assert priced.cost_usd == pytest.approx(priced.input_tokens * info["input_cost_per_token"]
+                                            + priced.output_tokens * info["output_cost_per_token"], rel=1e-9)
+    assert unpriced.cost_usd is None
+    assert client.context_window("openai/gpt-4.1-mini") == info["max_input_tokens"]
+    assert client.context_window("openai/needle") is None
+    await client.aclose()
+
+
+async def test_a_model_outside_the_direct_path_waits_for_litellm_off_the_loop(settings):
+    loader = GatedLoader()
+    client = ModelClient(settings, loader=loader)
+    client.start_warm_up()
+    assert not loader.started.is_set()  # configured models are direct: no import at start
+    call = asyncio.create_task(client.ready("anthropic/claude-sonnet-4-5"))
+    async with asyncio.timeout(10):
+        await asyncio.to_thread(loader.started.wait)
+        assert not call.done()
+        loader.gate.set()
+        await call
+    assert client.is_ready

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 from mcp import Client
@@ -41,6 +42,7 @@ class SlowImport:
 
 async def test_the_first_rlm_complete_returns_within_its_wait_s_while_litellm_still_imports(settings):
     slow = SlowImport()
+    settings = replace(settings, model_client="litellm")  # the path that needs litellm's import
     services = Services.create(settings, RlmEngine(settings, models=ModelClient(settings, loader=slow)))
     services.engine.models.start_warm_up()
     try:
@@ -66,6 +68,7 @@ async def test_the_first_rlm_complete_returns_within_its_wait_s_while_litellm_st
 
 async def test_a_bad_model_string_found_after_the_warm_up_fails_the_run_with_what_to_do(settings):
     slow = SlowImport()
+    settings = replace(settings, model_client="litellm")  # the path that needs litellm's import
     services = Services.create(settings, RlmEngine(settings, models=ModelClient(settings, loader=slow)))
     try:
         async with Client(build_server(services), read_timeout_seconds=60) as client:
@@ -83,6 +86,24 @@ async def test_a_bad_model_string_found_after_the_warm_up_fails_the_run_with_wha
         await services.aclose()
 
 
+def never_imported() -> Any:
+    raise AssertionError("litellm was imported for a model on the direct path")
+
+
+async def test_on_the_direct_path_the_first_rlm_complete_needs_no_import_at_all(settings):
+    services = Services.create(settings, RlmEngine(settings, models=ModelClient(settings, loader=never_imported)))
+    services.engine.models.start_warm_up()
+    try:
+        async with Client(build_server(services), read_timeout_seconds=60) as client:
+            async with asyncio.timeout(60):
+                result = await client.call_tool("rlm_complete", {"query": "what is the code?", "context": "tiny",
+                                                                 "wait_s": 60})
+            assert result.structured_content["status"] == "completed", result.structured_content
+        assert not services.engine.models.is_ready
+    finally:
+        await services.aclose()
+
+
 PROBE = r"""
 import asyncio, json, sys, time
 from rlm_mcp.config import Settings
@@ -90,7 +111,7 @@ from rlm_mcp.engine.models import ModelClient
 
 async def main():
     assert "litellm" not in sys.modules
-    client = ModelClient(Settings())
+    client = ModelClient(Settings(model_client="litellm"))
     stalls = []
     async def probe():
         while True:
