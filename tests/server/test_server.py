@@ -237,7 +237,8 @@ async def test_resources_and_prompt_are_served(services):
     ("rlm_peek_context", {"handle": "ctx_0000000000000000"}, "unknown context handle"),
     ("rlm_complete", {"query": "q"}, "give exactly one of handle, handles or context"),
     ("rlm_complete", {"query": "q", "handle": "ctx_0000000000000000"}, "unknown context handle"),
-    ("rlm_complete", {"query": "q", "context": "x" * 200_001}, "load it with rlm_load_context"),
+    # one inline limit for rlm_complete's context and rlm_load_context's text (RLM_MCP_MAX_INLINE_CHARS)
+    ("rlm_complete", {"query": "q", "context": "x" * (Settings().max_inline_chars + 1)}, "load it with rlm_load_context"),
     ("rlm_complete", {"query": "q", "context": "x", "model": "nope/nothing"}, "unknown model 'nope/nothing'"),
     ("rlm_complete", {"query": "q", "context": "x", "max_iterations": 0}, "max_iterations must be"),
     ("rlm_complete", {"query": "q", "context": "x", "timeout_s": 1, "cell_timeout_s": 5},
