@@ -221,5 +221,5 @@ def view_base_url(host: str, port: int) -> str:
     import socket
 
     if host in ("0.0.0.0", "::", ""):
-        host = socket.getfqdn()
+        host = socket.gethostname()  # not getfqdn(): no DNS lookup that could stall the start
     return f"http://{f'[{host}]' if ':' in host else host}:{port}"
