@@ -86,23 +86,41 @@ def test_the_wheel_installs_fresh_with_pip_and_uvx_and_serves_mcp_over_stdio(che
         assert stdio["exit_code"] == 0, f"{installer}: the server did not exit cleanly when stdin closed"
 
 
-def tracked(prefix: str) -> set[str]:
-    """Files under ``prefix`` in git (a checkout without git falls back to the file tree)."""
-    if shutil.which("git") and (REPO / ".git").exists():
-        done = subprocess.run(["git", "ls-files", prefix], cwd=REPO, capture_output=True, text=True, check=True)
-        return set(done.stdout.split())
-    return {p.relative_to(REPO).as_posix() for p in (REPO / prefix).rglob("*") if p.is_file()}
+def package_tree() -> tuple[set[str], set[str], set[str]]:
+    """Read from the source tree, not from a list kept here (so a module that moves or a package
+    that splits cannot drop out of a distribution unnoticed): every module under rlm_mcp/, every
+    file pyproject.toml's package-data globs match, and every other file under rlm_mcp/."""
+    files = {p.relative_to(REPO).as_posix() for p in (REPO / "rlm_mcp").rglob("*")
+             if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
+    modules = {name for name in files if name.endswith(".py")}
+    declared: set[str] = set()
+    for package, patterns in PYPROJECT["tool"]["setuptools"]["package-data"].items():
+        base = REPO.joinpath(*package.split("."))
+        for pattern in patterns:
+            declared |= {p.relative_to(REPO).as_posix() for p in base.glob(pattern) if p.is_file()}
+    return modules, declared, files - modules
 
 
-def test_the_wheel_holds_every_module_the_console_script_and_the_metadata(checked):
+def test_every_file_in_the_package_tree_is_a_module_or_declared_package_data():
+    """A new asset (a viewer file, an image definition) must be declared, or no wheel carries it."""
+    modules, declared, others = package_tree()
+    assert "rlm_mcp/cli.py" in modules and "rlm_mcp/sandbox/images/Dockerfile" in declared
+    assert others <= declared, f"not declared in [tool.setuptools.package-data]: {sorted(others - declared)}"
+    # Each directory with modules is a regular package (an __init__.py), as the imports assume.
+    folders = {name.rsplit("/", 1)[0] for name in modules}
+    assert not {f for f in folders if f"{f}/__init__.py" not in modules}, "a module folder has no __init__.py"
+
+
+def test_the_wheel_holds_every_module_the_package_data_the_console_script_and_the_metadata(checked):
     with zipfile.ZipFile(checked["wheel"]) as wheel:
         names = set(wheel.namelist())
         entry_points = wheel.read(f"rlm_mcp-{VERSION}.dist-info/entry_points.txt").decode()
         metadata = wheel.read(f"rlm_mcp-{VERSION}.dist-info/METADATA").decode()
-    modules = {name for name in tracked("rlm_mcp") if name.endswith((".py", "py.typed"))}
-    modules |= tracked("rlm_mcp/sandbox/images")  # package data: `rlm-mcp sandbox build` reads it
-    assert modules and modules <= names, f"missing from the wheel: {sorted(modules - names)}"
-    assert "rlm_mcp/py.typed" in names
+    modules, declared, _ = package_tree()
+    assert modules | declared <= names, f"missing from the wheel: {sorted((modules | declared) - names)}"
+    packaged = {n for n in names if n.startswith("rlm_mcp/")}
+    assert packaged <= modules | declared, f"in the wheel but not in the source tree: {sorted(packaged - modules - declared)}"
+    assert "rlm_mcp/py.typed" in names and "rlm_mcp/sandbox/images/build-base-offline.sh" in names
     assert not {n for n in names if "__pycache__" in n or n.startswith(("tests/", "sandboxes/"))}
     assert re.search(r"^rlm-mcp = rlm_mcp\.cli:main$", entry_points, flags=re.MULTILINE), entry_points
     headers = dict(line.split(": ", 1) for line in metadata.split("\n\n", 1)[0].splitlines() if ": " in line)
@@ -110,17 +128,34 @@ def test_the_wheel_holds_every_module_the_console_script_and_the_metadata(checke
     assert headers["License-Expression"] == "MIT" and headers["Requires-Python"] == ">=3.11"
 
 
-def test_the_sdist_carries_the_test_suite_the_sandbox_definitions_and_the_bundle_sources(checked):
+def test_the_sdist_carries_the_package_the_test_suite_and_the_bundle_sources(checked):
     with tarfile.open(checked["sdist"]) as sdist:
-        names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+        names = {m.name.split("/", 1)[1] for m in sdist.getmembers() if m.isfile() and "/" in m.name}
     wanted = {"pyproject.toml", "README.md", "MANIFEST.in", "claude_desktop_config.example.json",
               "tests/conftest.py", "tests/tools/check-wheel.sh", "tests/tools/stdio_initialize.py",
-              "rlm_mcp/sandbox/images/Dockerfile", "rlm_mcp/sandbox/images/build-base-offline.sh",
               "tests/tools/ci-setup-docker.sh", "packaging/mcpb/manifest.json",
               "packaging/build-bundle.sh", "packaging/server.json"}
-    wanted |= {name for name in tracked("rlm_mcp") if name.endswith(".py")}
+    modules, declared, _ = package_tree()
+    wanted |= modules | declared
     assert wanted <= names, f"missing from the sdist: {sorted(wanted - names)}"
+    packaged = {n for n in names if n.startswith("rlm_mcp/")}
+    assert packaged <= modules | declared, f"in the sdist but not in the source tree: {sorted(packaged - modules - declared)}"
     assert not {n for n in names if "__pycache__" in n or n.startswith((".ci-cache", ".venv", ".git/"))}
+
+
+def test_the_installed_wheel_builds_the_sandbox_image_offline_from_its_own_package_data(checked):
+    """`rlm-mcp sandbox build --offline` from the wheel (with its [docker] extra) in a fresh
+    virtualenv, under a tag of its own that check-wheel.sh removes afterwards; without the extra
+    the same command exits 2 saying what to install (check-wheel.sh fails otherwise)."""
+    report = checked["sandbox_build"]
+    if "skipped" in report:
+        unavailable(report["skipped"])
+    assert report["tag"].startswith("rlm-mcp-sandbox:wheel-check-") and report["removed"] is True
+    assert "/site-packages/rlm_mcp/sandbox/images/Dockerfile" in report["dockerfile"]
+    assert not report["dockerfile"].startswith(str(REPO))
+    assert report["ran_as"] == [65534, 65534]
+    gone = subprocess.run(["docker", "image", "inspect", report["tag"]], capture_output=True, text=True, timeout=60)
+    assert gone.returncode != 0 and "No such image" in gone.stderr + gone.stdout, "the check's own tag was left behind"
 
 
 # ----- the MCP Bundle -------------------------------------------------------------------------
@@ -278,3 +313,10 @@ def test_server_json_describes_the_pypi_package_within_the_registry_schema_limit
     assert names <= documented_variables(), names - documented_variables()
     assert {v["name"] for v in package["environmentVariables"] if v.get("isRequired")} == {"RLM_MCP_MODEL"}
     assert {v["name"] for v in package["environmentVariables"] if v.get("isSecret")} == {"RLM_MCP_API_KEY"}
+
+
+def test_the_readme_names_the_registry_entry_that_server_json_publishes():
+    """The registry accepts a PyPI package only when its README says ``mcp-name: <server name>``."""
+    server = json.loads((REPO / "packaging" / "server.json").read_text(encoding="utf-8"))
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert re.findall(r"<!-- mcp-name: (\S+) -->", readme) == [server["name"]]

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp_types import CallToolResult, TextContent, ToolAnnotations
+from mcp_types import CallToolResult, TextContent, Tool as MCPTool, ToolAnnotations
 from pydantic import Field
 
 from rlm_mcp import __version__
@@ -65,6 +65,25 @@ VIEW_TOOL_META = {"ui": {"resourceUri": APP_RESOURCE_URI, "visibility": ["app"]}
                   "anthropic/maxResultSizeChars": 2_000_000}
 VIEW_BUDGET_CHARS = 1_000_000  # excerpts in one rlm_get_run_view result (its JSON stays near 2 MB)
 
+class _Server(MCPServer):
+    """The SDK's server with the tools' input schemas trimmed of the titles pydantic derives from
+    names ("Max Bytes" for max_bytes, "rlm_load_contextArguments"): hosts put every input schema
+    into the model's prompt, where those titles only repeat the names next to the descriptions.
+    (pydantic sets a field's title after any json_schema_extra runs, so Field cannot drop it.)"""
+
+    async def list_tools(self) -> list[MCPTool]:
+        return [tool.model_copy(update={"input_schema": _untitled(tool.input_schema)}) for tool in await super().list_tools()]
+
+
+def _untitled(schema: dict[str, Any]) -> dict[str, Any]:
+    """The object schema without its own title and its properties' (an argument named "title" stays)."""
+    trimmed = {key: value for key, value in schema.items() if key != "title"}
+    if isinstance(schema.get("properties"), dict):
+        trimmed["properties"] = {name: ({k: v for k, v in spec.items() if k != "title"} if isinstance(spec, dict) else spec)
+                                 for name, spec in schema["properties"].items()}
+    return trimmed
+
+
 INSTRUCTIONS = """\
 rlm-mcp answers questions over inputs far larger than your context window. Load the input \
 server-side with rlm_load_context (a path, URL or text: the content never passes through you), \
@@ -88,7 +107,7 @@ def build_server(services: Services, view_base: str | None = None) -> MCPServer:
     def svc() -> Services:
         return services
 
-    server = MCPServer("rlm-mcp", version=__version__, instructions=INSTRUCTIONS)
+    server = _Server("rlm-mcp", version=__version__, instructions=INSTRUCTIONS)
 
     def guarded(fn: Any) -> Any:
         """Every failure as a tool error whose message the host model reads and can act on.

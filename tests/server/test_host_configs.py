@@ -66,3 +66,21 @@ def test_the_claude_code_command_is_a_well_formed_mcp_add():
     assert options[0::2] == ["-e"] * (len(options) // 2) and len(options) % 2 == 0
     env = dict(value.split("=", 1) for value in options[1::2])
     assert env["RLM_MCP_MODEL"]
+
+
+async def test_tool_input_schemas_carry_descriptions_but_not_the_titles_pydantic_derives_from_names(tmp_path):
+    """Hosts put every input schema into the model's prompt: "Max Bytes" next to max_bytes is noise."""
+    import json as _json
+
+    from rlm_mcp.config import Settings
+    from rlm_mcp.server.tools import build_server
+    from rlm_mcp.services import Services
+
+    services = Services.create(Settings(home=tmp_path, model="openai/needle"))
+    try:
+        tools = await build_server(services).list_tools()
+    finally:
+        await services.aclose()
+    load = next(tool for tool in tools if tool.name == "rlm_load_context").input_schema
+    assert load["properties"]["max_bytes"]["description"] and load["type"] == "object"
+    assert all('"title"' not in _json.dumps(tool.input_schema) for tool in tools), [t.name for t in tools]
