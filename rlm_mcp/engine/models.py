@@ -136,6 +136,31 @@ def warm_up_litellm() -> Any:
     return litellm
 
 
+def warm_up_direct() -> None:
+    """Import the direct path's module (and aiohttp); blocking, for a worker thread. Then
+    ``gc.freeze()``, as after litellm's import: long-lived module objects leave the collector's
+    generations, so full collections during a run stay short."""
+    import rlm_mcp.engine.openai_http  # noqa: F401
+
+    gc.freeze()
+
+
+def _in_thread(work: Callable[[], Any], name: str) -> concurrent.futures.Future[Any]:
+    """Run ``work`` in a daemon thread of its own; its outcome in the returned future. Not the
+    default executor: a multi-second import must not hold a slot that ``asyncio.to_thread``
+    callers (context checks, file work) need meanwhile."""
+    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(work())
+        except BaseException as exc:  # handed to whoever awaits the future
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
+
+
 _BUNDLED_TABLE: bytes | None = None
 TABLE_FILE = "model_prices_and_context_window_backup.json"
 
@@ -186,6 +211,7 @@ class ModelClient:
         self._litellm: Any = None
         self._warm: concurrent.futures.Future[Any] | None = None
         self._warm_lock = threading.Lock()
+        self._direct_warm: concurrent.futures.Future[Any] | None = None
         self._prices: dict[str, Prices | None] = {}
         self._windows: dict[str, int | None] = {}  # context windows, read once per model
         self._direct: Any = None  # rlm_mcp.engine.openai_http.DirectClient, created on first use
@@ -199,26 +225,22 @@ class ModelClient:
         seconds of GIL contention the import costs."""
         configured = [m for m in (self.settings.model, self.settings.effective_sub_model) if m]
         if configured and all(self.uses_direct_path(m) for m in configured):
+            self._start_direct_import()
             return
         self._start_import()
 
     def _start_import(self) -> None:
-        """Import litellm in a daemon thread (once). A thread of its own, not the default
-        executor: a multi-second import must not hold a slot that ``asyncio.to_thread`` callers
-        (context checks, file work) need meanwhile."""
+        """Import litellm in a daemon thread (once)."""
         with self._warm_lock:
-            if self._warm is not None:
-                return
-            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-            self._warm = future
+            if self._warm is None:
+                self._warm = _in_thread(self._loader, "rlm-mcp-litellm-warm-up")
 
-        def work() -> None:
-            try:
-                future.set_result(self._loader())
-            except BaseException as exc:  # handed to whoever awaits ready()
-                future.set_exception(exc)
-
-        threading.Thread(target=work, name="rlm-mcp-litellm-warm-up", daemon=True).start()
+    def _start_direct_import(self) -> concurrent.futures.Future[Any]:
+        """Import the direct path's HTTP client (aiohttp: ~0.1-0.2 s) in a thread (once)."""
+        with self._warm_lock:
+            if self._direct_warm is None:
+                self._direct_warm = _in_thread(warm_up_direct, "rlm-mcp-http-warm-up")
+            return self._direct_warm
 
     @property
     def is_ready(self) -> bool:
@@ -329,6 +351,7 @@ class ModelClient:
         """(text, input tokens, output tokens, cost) of one attempt, or raise Failure."""
         if self.uses_direct_path(model):
             if self._direct is None:
+                await asyncio.wrap_future(self._start_direct_import())  # never import on the loop
                 from rlm_mcp.engine.openai_http import DirectClient
 
                 self._direct = DirectClient(self.settings)

@@ -139,3 +139,32 @@ def test_the_event_loop_keeps_running_while_litellm_imports_in_a_fresh_process()
     assert figures["samples"] > 20, figures
     assert figures["max_stall_s"] < MAX_STALL_DURING_WARM_UP_S, figures
     assert figures["frozen"] > 100_000, "the warm-up did not gc.freeze() litellm's objects"
+
+
+DIRECT_PROBE = r"""
+import asyncio, json, sys
+from rlm_mcp.config import Settings
+from rlm_mcp.engine.models import ModelClient
+from rlm_mcp.testing.model_server import ScriptedModelServer
+
+async def main():
+    with ScriptedModelServer() as server:
+        settings = Settings(model="openai/gpt-4.1-mini", api_base=server.api_base, api_key="sk-test")
+        client = ModelClient(settings)
+        client.start_warm_up()
+        reply = await client.complete("openai/gpt-4.1-mini", [{"role": "user", "content": "The secret code is Z-1."}])
+        await client.aclose()
+    print(json.dumps({"text": reply.text, "cost": reply.cost_usd, "litellm": "litellm" in sys.modules,
+                      "aiohttp": "aiohttp" in sys.modules}))
+
+asyncio.run(main())
+"""
+
+
+def test_a_process_whose_models_take_the_direct_path_never_imports_litellm():
+    out = subprocess.run([sys.executable, "-c", DIRECT_PROBE], capture_output=True, text=True, timeout=120,
+                         env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert figures["text"] == "Z-1" and figures["cost"] > 0  # priced from the table litellm ships
+    assert figures == {**figures, "litellm": False, "aiohttp": True}
