@@ -259,6 +259,13 @@ class ModelClient:
             raise ModelError(f"the model library (litellm) failed to load: {exc!r}; reinstall rlm-mcp") from exc
         self._litellm = litellm
 
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """The blocking form of :meth:`ready` (litellm), for code with no event loop to keep free."""
+        if self._litellm is None:
+            self._start_import()
+            assert self._warm is not None
+            self._litellm = self._warm.result(timeout)
+
     @property
     def litellm(self) -> Any:
         if self._litellm is None:
