@@ -133,7 +133,12 @@ def warm_up_litellm() -> Any:
     except Exception as exc:  # only a warm-up: the first real call pays the lazy imports instead
         log.debug("litellm warm-up call failed: %r", exc)
     gc.freeze()
+    global _PROCESS_LITELLM
+    _PROCESS_LITELLM = litellm
     return litellm
+
+
+_PROCESS_LITELLM: Any = None  # set once the default warm-up finished: litellm is process-wide
 
 
 def warm_up_direct() -> None:
@@ -242,6 +247,11 @@ class ModelClient:
                 self._direct_warm = _in_thread(warm_up_direct, "rlm-mcp-http-warm-up")
             return self._direct_warm
 
+    def _adopt_loaded(self) -> None:
+        """Use litellm at once if another client of this process loaded it already."""
+        if self._litellm is None and self._loader is warm_up_litellm and _PROCESS_LITELLM is not None:
+            self._litellm = _PROCESS_LITELLM
+
     @property
     def is_ready(self) -> bool:
         return self._litellm is not None
@@ -249,6 +259,7 @@ class ModelClient:
     async def ready(self, *models: str) -> None:
         """Wait (off the event loop) until ``models`` can be called: until litellm is imported,
         unless every one of them takes the direct path (no models: litellm)."""
+        self._adopt_loaded()
         if self._litellm is not None or (models and all(m and self.uses_direct_path(m) for m in models)):
             return
         self._start_import()
@@ -281,6 +292,7 @@ class ModelClient:
         :meth:`RlmEngine.run` checks again after ``await ready()``."""
         if not model or not model.strip():
             raise ModelError("no model configured: set RLM_MCP_MODEL (or pass model=...); " + MODEL_HINT)
+        self._adopt_loaded()
         if self._litellm is None or self.uses_direct_path(model):
             return model  # openai/<name> at an api_base: litellm routes any name there
         try:

@@ -35,6 +35,8 @@ from tests.conftest import haystack
 @pytest.fixture
 async def services(settings: Settings):
     services = Services.create(settings)
+    # A server whose litellm warm-up has finished (the first request on a fresh one: test_first_call.py).
+    await services.engine.models.ready()
     yield services
     await services.aclose()
 
