@@ -55,7 +55,7 @@ async def micro_initialize(session: Session) -> None:
         session.micro.append({"micro": "first rlm_complete on a fresh server (trivial task, local sandbox)",
                               "system": "rlm-mcp", "value": spread(firsts), "unit": "s",
                               "detail": "sent right after initialize: waits (off the event loop) for what is left "
-                                        "of litellm's warm-up import, and starts a sandbox"})
+                                        "of the model client's warm-up (litellm only for models off the direct path), and starts a sandbox"})
         session.micro.append({"micro": "the same call again on that (warm) server", "system": "rlm-mcp",
                               "value": spread(warms), "unit": "s",
                               "detail": f"first/warm ratio {statistics.median(firsts) / statistics.median(warms):.2f} "
