@@ -17,8 +17,8 @@ from rlm_mcp.server.http import (
     http_app,
     http_auth,
 )
-from rlm_mcp.server.stdio import exit_now, serve_stdio
 from rlm_mcp.server.pages import view_base_url
+from rlm_mcp.server.stdio import exit_now, serve_stdio
 from rlm_mcp.server.tools import build_server
 from rlm_mcp.services import Services
 
