@@ -16,8 +16,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import gc
-import importlib.util
-import json
 import logging
 import os
 import random
@@ -25,22 +23,17 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from rlm_mcp.config import Settings
+from rlm_mcp.engine.failures import (MODEL_HINT, Failure, auth_failure, context_failure, not_found, rate_limited,
+                                     timeout_failure, unavailable)
 from rlm_mcp.engine.limiter import AdaptiveLimiter, ProviderLimiters, Slot, provider_key, retry_after_s
+from rlm_mcp.engine.prices import Prices, bundled_model_entry
 from rlm_mcp.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-KEY_HINT = ("set the provider's API key in the server's environment (e.g. OPENAI_API_KEY, "
-            "ANTHROPIC_API_KEY, OPENROUTER_API_KEY), or RLM_MCP_API_KEY for an OpenAI-compatible "
-            "server at RLM_MCP_API_BASE")
-MODEL_HINT = ("use a litellm model string with its provider prefix, e.g. 'openai/gpt-4.1-mini', "
-              "'anthropic/claude-sonnet-4-5', 'ollama/llama3.1', or 'openai/<name>' with "
-              "RLM_MCP_API_BASE for any OpenAI-compatible server")
-OVERLOAD_STATUSES = frozenset({429, 503, 529})  # the provider says "fewer calls, please"
 MAX_BACKOFF_S = 8.0
 MAX_RETRY_AFTER_S = 60.0  # a hostile or broken Retry-After must not stall a call for hours
 # Models litellm had no price for, which we registered with zero prices (litellm's table is
@@ -75,35 +68,6 @@ class Models(Protocol):
     async def complete(self, model: str, messages: list[dict[str, str]]) -> Completion: ...
 
     async def aclose(self) -> None: ...
-
-
-@dataclass(eq=False)
-class Failure(Exception):
-    """One failed attempt, classified: the message users see, and whether to try again."""
-
-    message: str
-    retryable: bool
-    overloaded: bool = False  # 429/503/529: the limiter backs off
-    retry_after_s: float | None = None
-
-    def __str__(self) -> str:
-        return self.message
-
-
-@dataclass(frozen=True)
-class Prices:
-    """USD per token for one model, read once from litellm's price table."""
-
-    input: float
-    output: float
-    input_above_200k: float | None = None
-    output_above_200k: float | None = None
-
-    def cost(self, input_tokens: int, output_tokens: int) -> float:
-        above = input_tokens > 200_000
-        per_in = self.input_above_200k if above and self.input_above_200k is not None else self.input
-        per_out = self.output_above_200k if above and self.output_above_200k is not None else self.output
-        return input_tokens * per_in + output_tokens * per_out
 
 
 def _load_litellm() -> Any:
@@ -164,44 +128,6 @@ def _in_thread(work: Callable[[], Any], name: str) -> concurrent.futures.Future[
 
     threading.Thread(target=run, name=name, daemon=True).start()
     return future
-
-
-_BUNDLED_TABLE: bytes | None = None
-TABLE_FILE = "model_prices_and_context_window_backup.json"
-
-
-def bundled_model_entry(name: str) -> dict[str, Any] | None:
-    """litellm's price-table entry for an OpenAI model ``name``, read from the JSON file litellm
-    ships (the table it uses itself with LITELLM_LOCAL_MODEL_COST_MAP) without importing it.
-
-    Only the one entry is decoded: parsing the whole 3.5 MB table holds the GIL for ~40 ms."""
-    global _BUNDLED_TABLE
-    if _BUNDLED_TABLE is None:
-        spec = importlib.util.find_spec("litellm")  # locates the package, does not import it
-        locations = list(spec.submodule_search_locations or []) if spec else []
-        try:
-            _BUNDLED_TABLE = Path(locations[0], TABLE_FILE).read_bytes() if locations else b""
-        except OSError:
-            _BUNDLED_TABLE = b""
-    table = _BUNDLED_TABLE
-    for key in (name, f"openai/{name}"):
-        at = table.find(b'\n    ' + json.dumps(key).encode() + b': {')  # top-level keys only
-        if at < 0:
-            continue
-        start = table.index(b"{", at)
-        size = 16_384
-        while True:
-            chunk = table[start:start + size].decode("utf-8", "replace")
-            try:
-                entry, _ = json.JSONDecoder().raw_decode(chunk)
-                break
-            except ValueError:
-                if start + size >= len(table):
-                    return None
-                size *= 4
-        if isinstance(entry, dict) and entry.get("litellm_provider") in (None, "openai", "text-completion-openai"):
-            return entry
-    return None
 
 
 class ModelClient:
@@ -428,21 +354,7 @@ class ModelClient:
         return None
 
     def _read_prices(self, model: str) -> Prices | None:
-        info = self._model_info(model)
-        if not info:
-            return None
-        input_price, output_price = info.get("input_cost_per_token"), info.get("output_cost_per_token")
-        if not isinstance(input_price, (int, float)) or not isinstance(output_price, (int, float)):
-            return None
-        if model in _REGISTERED_UNPRICED:
-            return None
-
-        def optional(key: str) -> float | None:
-            value = info.get(key)
-            return float(value) if isinstance(value, (int, float)) else None
-
-        return Prices(float(input_price), float(output_price), optional("input_cost_per_token_above_200k_tokens"),
-                      optional("output_cost_per_token_above_200k_tokens"))
+        return None if model in _REGISTERED_UNPRICED else Prices.from_info(self._model_info(model))
 
     def _register_if_unpriced(self, model: str) -> None:
         """Give a model litellm cannot price zero prices, once: its per-reply cost step then
@@ -511,31 +423,3 @@ class _NoSlot:
 
 
 _NO_SLOT = _NoSlot()
-
-
-# The messages users see, shared by both paths (litellm and direct).
-
-def auth_failure(model: str) -> Failure:
-    return Failure(f"{model}: authentication failed: {KEY_HINT}", retryable=False)
-
-
-def context_failure(model: str, detail: str) -> Failure:
-    return Failure(f"{model}: the prompt is longer than the model's context window ({detail})", retryable=False)
-
-
-def rate_limited(model: str, detail: str, wait: float | None) -> Failure:
-    return Failure(f"{model}: rate limited by the provider ({detail})", retryable=True, overloaded=True,
-                   retry_after_s=wait)
-
-
-def timeout_failure(model: str, timeout_s: float) -> Failure:
-    return Failure(f"{model}: no reply within {timeout_s:g} s", retryable=True)
-
-
-def unavailable(model: str, detail: str, status: int | None, wait: float | None) -> Failure:
-    return Failure(f"{model}: provider unavailable ({detail})", retryable=True,
-                   overloaded=status in OVERLOAD_STATUSES, retry_after_s=wait)
-
-
-def not_found(model: str, detail: str) -> Failure:
-    return Failure(f"{model}: the provider does not know this model ({detail}); {MODEL_HINT}", retryable=False)

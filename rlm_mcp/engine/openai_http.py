@@ -5,7 +5,7 @@ Why: litellm spends ~2.5 ms of CPU per call on work a sub-call does not need (a 
 its own cost calculation, the OpenAI SDK's request building, a pydantic response); this path
 spends ~0.1 ms (measured with ``python -m bench.subcall_cost``). It is chosen over httpx by the
 same measurement (httpx: ~2.3 ms per call). Everything users see is the same as through litellm:
-the failures map to the same :class:`~rlm_mcp.engine.models.Failure` messages, usage comes
+the failures map to the same :class:`~rlm_mcp.engine.failures.Failure` messages, usage comes
 from the reply, cost from litellm's price table (priced once per model, in ``models``).
 ``RLM_MCP_MODEL_CLIENT=litellm`` turns this path off.
 """
@@ -21,7 +21,7 @@ import aiohttp
 
 from rlm_mcp.config import Settings
 from rlm_mcp.engine.limiter import retry_after_s
-from rlm_mcp.engine.models import (Failure, auth_failure, context_failure, not_found, rate_limited,
+from rlm_mcp.engine.failures import (Failure, auth_failure, context_failure, not_found, rate_limited,
                                    timeout_failure, unavailable)
 from rlm_mcp.errors import ModelError
 

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 import pydantic
 
 from rlm_mcp.engine.budget import ModelUsage
-from rlm_mcp.engine.loop import RlmEngine, RunEvent, RunRequest, RunResult
+from rlm_mcp.engine.loop import RlmEngine
+from rlm_mcp.engine.results import RunEvent, RunRequest, RunResult
 from rlm_mcp.engine.prompts import ContextShape
 from rlm_mcp.engine.trajectory import (
     check_run_id,

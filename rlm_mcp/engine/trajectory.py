@@ -17,12 +17,16 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlm_mcp.engine.replies import prose
 from rlm_mcp.errors import RunNotFound, quoted
 from rlm_mcp.private import open_private, private_dir
 from rlm_mcp.sandbox.processes import pid_alive
+
+if TYPE_CHECKING:
+    from rlm_mcp.engine.models import Completion
+    from rlm_mcp.sandbox import CellResult
 
 EXCERPT_CHARS = 1_000
 RUN_ID = re.compile(r"run-\d{8}-\d{6}-[0-9a-f]{6}(?:\.\d{1,6}){0,8}")
@@ -210,3 +214,30 @@ def trajectory_page(path: Path, offset: int = 0, limit: int = 5, detail: str = "
         "child_trajectories": children[:50],
         "path": str(path),
     }
+
+
+def cell_record(code: str, result: CellResult, calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """One code block of an iteration line: its output and the sub-calls it made."""
+    return {"code": code, "result": {
+        "stdout": result.stdout, "stderr": (result.stderr + ("\n" + result.error if result.error else "")).strip(),
+        "locals": result.locals, "execution_time": round(result.elapsed, 4),
+        "final_answer": result.final, "rlm_calls": calls,
+        "state_lost": result.state_lost, "timed_out": result.timed_out,
+        "stdout_dropped": result.stdout_dropped, "stderr_dropped": result.stderr_dropped,
+        "notices": list(result.notices)}}
+
+
+def iteration_record(iteration: int, new_messages: list[dict[str, str]], reply: Completion,
+                     cells: list[dict[str, Any]], final: str | None, elapsed: float,
+                     compaction: dict[str, Any] | None, part: int) -> dict[str, Any]:
+    """One iteration line: the messages added since the last one, the reply, its code blocks."""
+    record: dict[str, Any] = {
+        "iteration": iteration, "prompt": new_messages, "response": reply.text,
+        "code_blocks": cells, "final_answer": final, "iteration_time": round(elapsed, 4),
+        "usage": {"model": reply.model, "input_tokens": reply.input_tokens,
+                  "output_tokens": reply.output_tokens, "cost_usd": reply.cost_usd}}
+    if compaction is not None:
+        record["compaction"] = compaction
+    if part > 1:
+        record["part"] = part
+    return record

@@ -24,7 +24,8 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from rlm_mcp.engine.models import MODEL_HINT, Completion
+from rlm_mcp.engine.failures import MODEL_HINT
+from rlm_mcp.engine.models import Completion
 from rlm_mcp.errors import ModelError
 from rlm_mcp.testing.model_server import answer_subcall, is_rlm_root_call, rlm_policy
 

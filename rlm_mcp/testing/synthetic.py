@@ -2,7 +2,7 @@
 
 Written through the engine's own :class:`~rlm_mcp.engine.trajectory.TrajectoryWriter` (metadata line
 rewritten at the end, one line per iteration, child RLMs in ``<run_id>.<n>.jsonl``), with the
-record fields ``_Rlm._log_iteration`` and ``_cell_record`` write. Sizes are chosen to look like
+record fields ``trajectory.iteration_record`` and ``cell_record`` write. Sizes are chosen to look like
 real runs: replies with prose and code, outputs of a few hundred to a few thousand characters,
 sub-call excerpts cut at 500 characters like the engine cuts them.
 

@@ -9,7 +9,8 @@ import httpx
 import pytest
 
 from rlm_mcp.config import Settings
-from rlm_mcp.engine.models import KEY_HINT, MODEL_HINT, ModelClient
+from rlm_mcp.engine.failures import KEY_HINT, MODEL_HINT
+from rlm_mcp.engine.models import ModelClient
 
 MODEL = "openai/some-model"
 

@@ -115,7 +115,7 @@ def engine_runs(model_server: ScriptedModelServer, tmp_path_factory: pytest.Temp
 def iteration_record(number: int, *, code: str = "print('hi')", stdout: str = "hi\n", prose: str = "Step.",
                      calls: list[dict[str, Any]] | None = None, final: str | None = None,
                      duration: float = 1.0) -> dict[str, Any]:
-    """One iteration line with the fields the engine writes (``_Rlm._log_iteration``)."""
+    """One iteration line with the fields the engine writes (``trajectory.iteration_record``)."""
     return {"iteration": number, "prompt": [{"role": "user", "content": "feedback"}],
             "response": f"{prose}\n```repl\n{code}\n```",
             "code_blocks": [{"code": code, "result": {
