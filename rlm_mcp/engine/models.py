@@ -29,7 +29,7 @@ from rlm_mcp.config import Settings
 from rlm_mcp.engine.failures import (MODEL_HINT, Failure, auth_failure, context_failure, not_found, rate_limited,
                                      timeout_failure, unavailable)
 from rlm_mcp.engine.limiter import AdaptiveLimiter, ProviderLimiters, Slot, provider_key, retry_after_s
-from rlm_mcp.engine.prices import Prices, bundled_model_entry
+from rlm_mcp.engine.prices import Prices, bundled_model_entry, load_bundled_table
 from rlm_mcp.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -108,9 +108,12 @@ _PROCESS_LITELLM: Any = None  # set once the default warm-up finished: litellm i
 def warm_up_direct() -> None:
     """Import the direct path's module (and aiohttp); blocking, for a worker thread. Then
     ``gc.freeze()``, as after litellm's import: long-lived module objects leave the collector's
-    generations, so full collections during a run stay short."""
+    generations, so full collections during a run stay short. Also reads litellm's price table
+    (prices and context windows of direct-path models), which the first run would otherwise
+    read on the event loop (~5-10 ms)."""
     import rlm_mcp.engine.openai_http  # noqa: F401
 
+    load_bundled_table()
     gc.freeze()
 
 

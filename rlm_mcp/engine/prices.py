@@ -3,8 +3,10 @@ can be (the JSON file litellm ships), and the per-token prices a reply's cost is
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,32 @@ class Prices:
 
 
 _BUNDLED_TABLE: bytes | None = None
+_KEY_AT: dict[str, int] = {}  # top-level key -> offset of its entry's "{", built with the table
+_TOP_LEVEL_KEY = re.compile(rb'\n    ("(?:[^"\\\n]|\\.)*"): \{')
 TABLE_FILE = "model_prices_and_context_window_backup.json"
+
+
+def load_bundled_table() -> bytes:
+    """The bytes of litellm's shipped price table (b"" without litellm) and where each model's
+    entry starts, read once. Blocking (~10 ms): the direct path's warm-up thread reads it, so
+    that no run reads 3.5 MB or scans it for an unknown model on the event loop."""
+    global _BUNDLED_TABLE
+    if _BUNDLED_TABLE is None:
+        spec = importlib.util.find_spec("litellm")  # locates the package, does not import it
+        locations = list(spec.submodule_search_locations or []) if spec else []
+        try:
+            table = Path(locations[0], TABLE_FILE).read_bytes() if locations else b""
+        except OSError:
+            table = b""
+        index: dict[str, int] = {}
+        for match in _TOP_LEVEL_KEY.finditer(table):  # ~5 ms; a lookup then costs no scan of 3.5 MB
+            raw = match.group(1)
+            with contextlib.suppress(ValueError):
+                key = raw[1:-1].decode() if b"\\" not in raw else json.loads(raw)
+                index.setdefault(key, match.end() - 1)
+        _KEY_AT.update(index)
+        _BUNDLED_TABLE = table  # last: a reader in another thread never sees a partial index
+    return _BUNDLED_TABLE
 
 
 def bundled_model_entry(name: str) -> dict[str, Any] | None:
@@ -50,20 +77,11 @@ def bundled_model_entry(name: str) -> dict[str, Any] | None:
     ships (the table it uses itself with LITELLM_LOCAL_MODEL_COST_MAP) without importing it.
 
     Only the one entry is decoded: parsing the whole 3.5 MB table holds the GIL for ~40 ms."""
-    global _BUNDLED_TABLE
-    if _BUNDLED_TABLE is None:
-        spec = importlib.util.find_spec("litellm")  # locates the package, does not import it
-        locations = list(spec.submodule_search_locations or []) if spec else []
-        try:
-            _BUNDLED_TABLE = Path(locations[0], TABLE_FILE).read_bytes() if locations else b""
-        except OSError:
-            _BUNDLED_TABLE = b""
-    table = _BUNDLED_TABLE
+    table = load_bundled_table()
     for key in (name, f"openai/{name}"):
-        at = table.find(b'\n    ' + json.dumps(key).encode() + b': {')  # top-level keys only
-        if at < 0:
+        start = _KEY_AT.get(key, -1)
+        if start < 0:
             continue
-        start = table.index(b"{", at)
         size = 16_384
         while True:
             chunk = table[start:start + size].decode("utf-8", "replace")
