@@ -50,6 +50,7 @@ async def micro_initialize(session: Session) -> None:
         for _ in range(n):
             server = McpServer(env)
             async with server.running():
+                await server.prepare_client("rlm_complete", "rlm_get_result")  # the client's first-use cost
                 firsts.append(await warm_up(session, server, "local"))
                 warms.append(await warm_up(session, server, "local"))
         session.micro.append({"micro": "first rlm_complete on a fresh server (trivial task, local sandbox)",
