@@ -22,9 +22,10 @@ Daytona delete them after ``RLM_MCP_DAYTONA_AUTO_STOP_MINUTES`` of inactivity.
 ``rlm-mcp sandbox daytona-snapshot`` builds the snapshot (:func:`create_snapshot`) from the
 packaged ``images/daytona/Dockerfile``.
 
-The modules: ``errors`` (SDK failures mapped to messages), ``transport`` (the session command as
-the worker's channel), ``sandbox`` (one remote REPL), ``provider`` (clients, owned sandboxes),
-``snapshot`` (``rlm-mcp sandbox daytona-snapshot``).
+The modules, each importing only those before it: ``errors`` (SDK failures mapped to messages),
+``account`` (API settings and deadlines, SDK clients, the register of sandboxes not deleted yet),
+``transport`` (the session command as the worker's channel), ``sandbox`` (one remote REPL),
+``provider`` (what the sandbox registry sees), ``snapshot`` (``rlm-mcp sandbox daytona-snapshot``).
 """
 
 from rlm_mcp.sandbox.daytona.errors import ChannelLost, describe_error

@@ -8,23 +8,18 @@ import contextlib
 import logging
 import shlex
 import uuid
-from typing import TYPE_CHECKING, Any, Awaitable, TypeVar
+from typing import Any
 
 from daytona import AsyncDaytona, CreateSandboxFromSnapshotParams, FileUpload, SessionExecuteRequest
-from daytona.common.errors import DaytonaError, DaytonaNotFoundError, DaytonaTimeoutError
+from daytona.common.errors import DaytonaNotFoundError
 
 from rlm_mcp.errors import SandboxError
 from rlm_mcp.sandbox.base import SandboxSpec
 from rlm_mcp.sandbox.channel import WORKER_SCRIPT, WorkerSandbox, WorkerTransport
-from rlm_mcp.sandbox.daytona.errors import describe_error
+from rlm_mcp.sandbox.daytona.account import DaytonaAccount
 from rlm_mcp.sandbox.daytona.transport import SessionTransport
 
-if TYPE_CHECKING:
-    from rlm_mcp.sandbox.daytona.provider import DaytonaProvider
-
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 DEFAULT_SNAPSHOT = "rlm-mcp-sandbox"
 SANDBOX_LABEL = {"rlm-mcp": "sandbox"}
@@ -34,17 +29,17 @@ REMOTE_DIR = ".rlm-mcp"  # relative paths resolve against the sandbox's working 
 class DaytonaSandbox(WorkerSandbox):
     """``worker.py`` in a Daytona sandbox, driven through session commands."""
 
-    def __init__(self, spec: SandboxSpec, provider: "DaytonaProvider") -> None:
+    def __init__(self, spec: SandboxSpec, account: DaytonaAccount) -> None:
         super().__init__(spec)
-        self.provider = provider
-        self.settings = provider.settings
+        self.account = account
+        self.settings = account.settings
         self.name = f"rlm-mcp-{uuid.uuid4().hex[:16]}"
         self.client: AsyncDaytona | None = None
         self.remote: Any = None  # daytona.AsyncSandbox once created
         self.remote_dir = REMOTE_DIR
         self._context_remote: str | None = None
         self._sessions = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the loop its client belongs to
         self._released = False
 
     @property
@@ -56,26 +51,10 @@ class DaytonaSandbox(WorkerSandbox):
     def sandbox_id(self) -> str | None:
         return None if self.remote is None else str(self.remote.id)
 
-    async def api(self, awaitable: Awaitable[T], *, raw: bool = False, timeout: float | None = None,
-                  doing: str = "calling the Daytona API") -> T:
-        """Await one SDK call under a deadline; unless ``raw``, failures become SandboxError."""
-        limit = timeout or self.provider.api_timeout_s
-        try:
-            return await asyncio.wait_for(awaitable, limit)
-        except asyncio.TimeoutError as exc:
-            if raw:
-                raise DaytonaTimeoutError(f"no answer in {limit:g} s") from exc
-            raise SandboxError(describe_error(DaytonaTimeoutError(f"no answer in {limit:g} s"),
-                                              doing, self.settings)) from exc
-        except (DaytonaError, OSError) as exc:
-            if raw:
-                raise
-            raise SandboxError(describe_error(exc, doing, self.settings)) from exc
-
     # ----- start ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         try:
             await self._create_remote()
             await super().start()
@@ -87,8 +66,8 @@ class DaytonaSandbox(WorkerSandbox):
         context = self.spec.context
         if context.path is not None and not context.path.is_file():
             raise SandboxError(f"cannot load context: {context.path} is not a readable file")
-        self.client = self.provider.new_client()
-        self.provider.adopt(self)
+        self.client = self.account.new_client()
+        self.account.adopt(self)
         settings = self.settings
         labels = {**SANDBOX_LABEL, **{str(k): str(v) for k, v in self.spec.labels.items()}}
         params = CreateSandboxFromSnapshotParams(
@@ -97,13 +76,13 @@ class DaytonaSandbox(WorkerSandbox):
             language="python",
             labels=labels,
             ephemeral=True,  # deleted as soon as it stops
-            auto_stop_interval=self.provider.auto_stop_minutes,
+            auto_stop_interval=self.account.auto_stop_minutes,
             network_block_all=settings.daytona_network_block_all,
         )
         try:
-            self.remote = await self.api(
-                self.client.create(params, timeout=self.provider.create_timeout_s),
-                timeout=self.provider.create_timeout_s + 5, doing="creating the sandbox")
+            self.remote = await self.account.api(
+                self.client.create(params, timeout=self.account.create_timeout_s),
+                timeout=self.account.create_timeout_s + 5, doing="creating the sandbox")
         except SandboxError as exc:
             if isinstance(exc.__cause__, DaytonaNotFoundError):
                 raise SandboxError(
@@ -117,10 +96,10 @@ class DaytonaSandbox(WorkerSandbox):
             suffix = "jsonl" if context.kind == "documents" else "txt"
             self._context_remote = f"context.{suffix}"
             uploads.append(FileUpload(str(context.path), f"{REMOTE_DIR}/{self._context_remote}"))
-        upload = self.api(self.remote.fs.upload_files(uploads),
-                          timeout=max(self.provider.api_timeout_s, self.provider.upload_timeout_s),
-                          doing="uploading the worker and the context")
-        work_dir = self.api(self.remote.get_work_dir(), doing="asking for the working directory")
+        upload = self.account.api(self.remote.fs.upload_files(uploads),
+                                  timeout=max(self.account.api_timeout_s, self.account.upload_timeout_s),
+                                  doing="uploading the worker and the context")
+        work_dir = self.account.api(self.remote.get_work_dir(), doing="asking for the working directory")
         _, directory = await asyncio.gather(upload, work_dir)
         self.remote_dir = f"{str(directory).rstrip('/')}/{REMOTE_DIR}"
 
@@ -140,11 +119,12 @@ class DaytonaSandbox(WorkerSandbox):
         command = (f"cd {directory} && if command -v setsid >/dev/null 2>&1; then setsid -w sh -c "
                    f"{shlex.quote(inner)}; else sh -c {shlex.quote(inner)}; fi")
         process = self.remote.process
-        await self.api(process.create_session(session_id), doing="opening a session for the worker")
-        started = await self.api(process.execute_session_command(
+        await self.account.api(process.create_session(session_id), doing="opening a session for the worker")
+        started = await self.account.api(process.execute_session_command(
             session_id, SessionExecuteRequest(command=command, run_async=True, suppress_input_echo=True)),
             doing="starting the worker")
-        return SessionTransport(self, session_id, started.cmd_id, self.remote_dir)
+        return SessionTransport(self.account, self.remote, session_id, started.cmd_id, self.remote_dir,
+                                closing=lambda: self.closing)
 
     # ----- release ----------------------------------------------------------------------------
 
@@ -156,7 +136,7 @@ class DaytonaSandbox(WorkerSandbox):
         try:
             await self._delete_remote()
         finally:
-            self.provider.forget(self)
+            self.account.forget(self)
             if self.client is not None:
                 with contextlib.suppress(Exception):
                     await self.client.close()
@@ -169,20 +149,20 @@ class DaytonaSandbox(WorkerSandbox):
         if target is None:
             # Creation failed or timed out: it may exist all the same, under our unique name.
             try:
-                target = await self.api(self.client.get(self.name), raw=True, timeout=15)
+                target = await self.account.api(self.client.get(self.name), raw=True, timeout=15)
             except DaytonaNotFoundError:
                 return
             except Exception as exc:
                 log.warning("could not check whether Daytona sandbox %s exists (%s); if it does, "
                             "auto-stop deletes it after %d minutes", self.name, exc,
-                            self.provider.auto_stop_minutes)
+                            self.account.auto_stop_minutes)
                 return
         try:
-            await self.api(self.client.delete(target, timeout=30), raw=True, timeout=35)
+            await self.account.api(self.client.delete(target, timeout=30), raw=True, timeout=35)
             log.info("Daytona sandbox %s deleted", target.id)
         except DaytonaNotFoundError:
             pass
         except Exception as exc:
             log.error("could not delete Daytona sandbox %s (%s): %s; being ephemeral it is deleted "
                       "once it auto-stops, after %d idle minutes", target.id, self.name, exc,
-                      self.provider.auto_stop_minutes)
+                      self.account.auto_stop_minutes)

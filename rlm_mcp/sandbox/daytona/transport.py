@@ -8,16 +8,14 @@ import collections
 import contextlib
 import logging
 import shlex
-from typing import TYPE_CHECKING
+from typing import Any, Callable
 
 from daytona.common.errors import DaytonaGoneError, DaytonaRateLimitError
 
 from rlm_mcp.sandbox.base import STDERR_TAIL_LINES
 from rlm_mcp.sandbox.channel import ProtocolError, WorkerTransport, message_too_large
+from rlm_mcp.sandbox.daytona.account import DaytonaAccount
 from rlm_mcp.sandbox.daytona.errors import ChannelLost, describe_error
-
-if TYPE_CHECKING:
-    from rlm_mcp.sandbox.daytona.sandbox import DaytonaSandbox
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +24,14 @@ LOG_STREAM_RECONNECTS = 3
 
 
 class SessionTransport(WorkerTransport):
-    """Byte pipes to ``worker.py`` running as one Daytona session command."""
+    """Byte pipes to ``worker.py`` running as one Daytona session command of ``sandbox`` (a
+    ``daytona.AsyncSandbox``); ``closing`` says whether that whole sandbox is being deleted."""
 
-    def __init__(self, owner: "DaytonaSandbox", session_id: str, command_id: str, remote_dir: str) -> None:
-        self.owner = owner
-        self.sandbox = owner.remote
+    def __init__(self, account: DaytonaAccount, sandbox: Any, session_id: str, command_id: str, remote_dir: str,
+                 *, closing: Callable[[], bool]) -> None:
+        self.account = account
+        self.sandbox = sandbox
+        self._closing = closing
         self.session_id = session_id
         self.command_id = command_id
         self.remote_dir = remote_dir
@@ -65,7 +66,7 @@ class SessionTransport(WorkerTransport):
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    self.failure = describe_error(exc, "streaming the worker's output", self.owner.settings)
+                    self.failure = describe_error(exc, "streaming the worker's output", self.account.settings)
                     log.debug("log stream of %s broke: %s", self.command_id, exc)
                 else:
                     return  # a normal close: the command has ended
@@ -78,7 +79,7 @@ class SessionTransport(WorkerTransport):
 
     async def _still_running(self) -> bool:
         try:
-            command = await self.owner.api(self.sandbox.process.get_session_command(
+            command = await self.account.api(self.sandbox.process.get_session_command(
                 self.session_id, self.command_id), raw=True, timeout=15)
         except Exception:
             return False
@@ -159,7 +160,7 @@ class SessionTransport(WorkerTransport):
                 await self._send_input(payload)
             except BaseException as exc:
                 error = exc if isinstance(exc, ChannelLost) else ChannelLost(
-                    describe_error(exc, "sending to the worker", self.owner.settings))
+                    describe_error(exc, "sending to the worker", self.account.settings))
                 for _, future in batch + self._pending:
                     if not future.done():
                         future.set_exception(error)
@@ -178,7 +179,7 @@ class SessionTransport(WorkerTransport):
         delay = 0.5
         for attempt in range(RATE_LIMIT_RETRIES + 1):
             try:
-                await self.owner.api(self.sandbox.process.send_session_command_input(
+                await self.account.api(self.sandbox.process.send_session_command_input(
                     self.session_id, self.command_id, payload), raw=True)
                 return
             except DaytonaRateLimitError:  # refused, so not delivered: safe to send again
@@ -196,7 +197,7 @@ class SessionTransport(WorkerTransport):
         with contextlib.suppress(asyncio.TimeoutError, Exception):
             await asyncio.wait_for(asyncio.shield(self._stream), timeout)
         with contextlib.suppress(Exception):
-            command = await self.owner.api(self.sandbox.process.get_session_command(
+            command = await self.account.api(self.sandbox.process.get_session_command(
                 self.session_id, self.command_id), raw=True, timeout=min(timeout * 5, 10.0))
             self.exit_code = command.exit_code
 
@@ -207,18 +208,18 @@ class SessionTransport(WorkerTransport):
             self._writer.cancel()
         pid_file = shlex.quote(f"{self.remote_dir}/worker-{self.session_id}.pid")
         with contextlib.suppress(Exception):
-            await self.owner.api(self.sandbox.process.exec(
+            await self.account.api(self.sandbox.process.exec(
                 f'pid=$(cat {pid_file} 2>/dev/null) && kill -KILL -- "-$pid" "$pid" 2>/dev/null; true',
                 timeout=10), raw=True, timeout=15)
         with contextlib.suppress(Exception):
-            await self.owner.api(self.sandbox.process.delete_session(self.session_id), raw=True, timeout=15)
+            await self.account.api(self.sandbox.process.delete_session(self.session_id), raw=True, timeout=15)
         self._stream.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._stream
 
     async def close(self) -> None:
         """Ask the worker to exit, give it a moment, then make sure it and its session are gone."""
-        if self.owner.closing:  # the whole sandbox is about to be deleted: skip the round trips
+        if self._closing():  # the whole sandbox is about to be deleted: skip the round trips
             self._end_stream()
             for task in (self._writer, self._stream):
                 if task is not None:

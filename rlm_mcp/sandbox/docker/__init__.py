@@ -30,16 +30,19 @@ the owning server process (host name, pid and the pid's start time); when a prov
 talks to the engine it reaps what a dead server on this host left behind, plus any stopped
 sandbox container (see :func:`reap_leftovers`).
 
-The modules, one concern each: ``engine`` (connecting, docker-py errors mapped to
-SandboxErrors), ``reaping`` (labels, ownership, leftovers), ``transport`` (the attach stream and
-its frames), ``sandbox`` (one REPL, context hand-over), ``provider`` (containers, volumes, warm
-pool), ``image`` (``rlm-mcp sandbox build``). This package is the only importer of docker-py.
+The modules, one concern each, each importing only those before it: ``engine`` (connecting,
+docker-py errors mapped to SandboxErrors), ``reaping`` (labels, ownership, leftovers),
+``containers`` (creating, taking from the warm pool and disposing of containers; volumes),
+``transport`` (the attach stream and its frames), ``sandbox`` (one REPL, context hand-over),
+``provider`` (what the sandbox registry sees), ``image`` (``rlm-mcp sandbox build``). This
+package is the only importer of docker-py.
 """
 
 
+from rlm_mcp.sandbox.docker.containers import ContextTransfer
 from rlm_mcp.sandbox.docker.engine import connect, engine_is_remote, local_socket_path
 from rlm_mcp.sandbox.docker.image import OFFLINE_BASE_IMAGE, ONLINE_BASE_IMAGE, build_sandbox_image
-from rlm_mcp.sandbox.docker.provider import ContextTransfer, DockerProvider
+from rlm_mcp.sandbox.docker.provider import DockerProvider
 from rlm_mcp.sandbox.docker.reaping import (
     LABEL, LABEL_VALUE, OWNER_LABEL, POOL_LABEL, PROVIDER_LABEL, mounts_dir_name, reap_at_start, reap_leftovers)
 from rlm_mcp.sandbox.docker.sandbox import DockerSandbox

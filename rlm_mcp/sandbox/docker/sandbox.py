@@ -9,26 +9,22 @@ import os
 import shutil
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from rlm_mcp.errors import SandboxError
 from rlm_mcp.sandbox.base import SandboxSpec
 from rlm_mcp.sandbox.channel import WorkerSandbox, WorkerTransport
+from rlm_mcp.sandbox.docker.containers import CONTEXT_DIR, Containers
 from rlm_mcp.sandbox.docker.transport import DockerTransport
 
-if TYPE_CHECKING:
-    from rlm_mcp.sandbox.docker.provider import DockerProvider
-
-CONTEXT_DIR = "/context"
-CONTEXT_PATH = "/context/data"
+CONTEXT_PATH = f"{CONTEXT_DIR}/data"
 
 
 class DockerSandbox(WorkerSandbox):
     """``worker.py`` in a hardened container; a restart replaces the container."""
 
-    def __init__(self, spec: SandboxSpec, provider: "DockerProvider") -> None:
+    def __init__(self, spec: SandboxSpec, containers: Containers) -> None:
         super().__init__(spec)
-        self.provider = provider
+        self.containers = containers
         self._volume: str | None = None
         self._current: DockerTransport | None = None
 
@@ -47,25 +43,25 @@ class DockerSandbox(WorkerSandbox):
         path = self.spec.context.path
         if path is not None and not Path(path).is_file():
             raise SandboxError(f"the context file {path} does not exist (or is not a file)")
-        await asyncio.to_thread(self.provider._prepare)  # decides bind vs volume on first use
-        if self.provider.context_transfer == "volume":
+        await asyncio.to_thread(self.containers.prepare)  # decides bind vs volume on first use
+        if self.containers.context_transfer == "volume":
             if self._volume is None:
-                self._volume = await asyncio.to_thread(self.provider._make_volume, path)
-            box = await asyncio.to_thread(self.provider._create_box, volume=self._volume, labels=self.spec.labels)
+                self._volume = await asyncio.to_thread(self.containers.make_volume, path)
+            box = await asyncio.to_thread(self.containers.create_box, volume=self._volume, labels=self.spec.labels)
         else:
-            box = await self.provider._take(self.spec.labels)
+            box = await self.containers.take(self.spec.labels)
             try:
                 await asyncio.to_thread(_place_context, path, box.mount_dir)
             except OSError as exc:
-                await asyncio.to_thread(self.provider._dispose, box)
+                await asyncio.to_thread(self.containers.dispose, box)
                 raise SandboxError(f"cannot hand the context file to the container: {exc}") from exc
-        self._current = DockerTransport(box, self.provider)
+        self._current = DockerTransport(box, self.containers)
         return self._current
 
     async def _release(self) -> None:
         volume, self._volume = self._volume, None
         if volume is not None:
-            await asyncio.to_thread(self.provider._remove_volume, volume)
+            await asyncio.to_thread(self.containers.remove_volume, volume)
 
 
 def _place_context(path: Path | None, mount_dir: Path | None) -> None:

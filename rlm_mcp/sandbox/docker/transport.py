@@ -7,38 +7,17 @@ import collections
 import contextlib
 import socket
 import ssl
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import docker.errors
 import requests.exceptions
-from docker.models.containers import Container
 
 from rlm_mcp.sandbox.base import STDERR_TAIL_LINES
 from rlm_mcp.sandbox.channel import WorkerGone, WorkerTransport, describe_stop, message_too_large
-
-if TYPE_CHECKING:
-    from rlm_mcp.sandbox.docker.provider import DockerProvider
+from rlm_mcp.sandbox.docker.containers import Box, Containers
 
 STDERR_TAIL_CHARS = 4096
 FRAME_HEADER = 8
-
-
-@dataclass
-class Box:
-    """One started container with its attach socket and host-side mount directory."""
-
-    container: Container
-    attach: Any                      # what docker-py returned (kept alive with the socket)
-    sock: Any                        # the raw socket (socket.socket, SSLSocket or SSH channel)
-    mount_dir: Path | None = None
-    pooled: bool = False
-    disposed: bool = field(default=False, repr=False)
-
-    @property
-    def short_id(self) -> str:
-        return self.container.short_id
 
 
 class DockerTransport(WorkerTransport):
@@ -51,9 +30,9 @@ class DockerTransport(WorkerTransport):
     protocol is JSON, which escapes control characters.
     """
 
-    def __init__(self, box: Box, provider: "DockerProvider") -> None:
+    def __init__(self, box: Box, containers: Containers) -> None:
         self.box = box
-        self.provider = provider
+        self.containers = containers
         self._native = isinstance(box.sock, socket.socket) and not isinstance(box.sock, ssl.SSLSocket)
         if self._native:
             box.sock.setblocking(False)
@@ -153,7 +132,7 @@ class DockerTransport(WorkerTransport):
     def _snapshot_and_dispose(self) -> None:
         if self.state is None and not self.box.disposed:
             self._load_state()
-        self.provider._dispose(self.box)
+        self.containers.dispose(self.box)
 
     def _load_state(self) -> None:
         with contextlib.suppress(requests.exceptions.RequestException, docker.errors.DockerException):
@@ -170,7 +149,7 @@ class DockerTransport(WorkerTransport):
         state = self.state or {}
         code = state.get("ExitCode")
         if state.get("OOMKilled"):
-            limit = self.provider.settings.sandbox_memory_mb
+            limit = self.containers.settings.sandbox_memory_mb
             tail = [line for line in self.stderr_tail if line.strip()][-3:]
             return f"killed for exceeding the sandbox memory limit ({limit} MB)" + (
                 ": " + " | ".join(tail) if tail else "")
