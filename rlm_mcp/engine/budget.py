@@ -1,4 +1,5 @@
-"""Usage over a whole run tree (root, sub-calls, child RLMs), and the limits it is held to."""
+"""Usage over a whole run tree (root, sub-calls, child RLMs), and the limits it is held to;
+and the usage of each RLM of the tree with everything below it."""
 
 from __future__ import annotations
 
@@ -29,6 +30,29 @@ class ModelUsage(BaseModel):
         self.output_tokens += completion.output_tokens
         if completion.cost_usd is not None:
             self.cost_usd = (self.cost_usd or 0.0) + completion.cost_usd
+
+
+class Tally:
+    """The model calls of one RLM and of everything below it (its sub-calls, its child RLMs).
+
+    Each call is added here and to every ancestor's tally as it is recorded, so a child's
+    figure is exact while siblings run at the same time (a difference of the tree-wide
+    counters taken around the child would include theirs). Limits stay with the tree's
+    :class:`Budget`."""
+
+    def __init__(self, parent: Tally | None = None) -> None:
+        self.parent = parent
+        self.usage: dict[str, ModelUsage] = {}
+
+    @property
+    def tokens(self) -> int:
+        return sum(u.input_tokens + u.output_tokens for u in self.usage.values())
+
+    def record(self, completion: Completion) -> None:
+        tally: Tally | None = self
+        while tally is not None:
+            tally.usage.setdefault(completion.model, ModelUsage()).add(completion)
+            tally = tally.parent
 
 
 class Budget:

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from rlm_mcp.config import Settings
 from rlm_mcp.engine import prompts, replies
+from rlm_mcp.engine.budget import Tally
 from rlm_mcp.engine.models import Completion, Models
 from rlm_mcp.engine.prompts import ContextShape
 from rlm_mcp.engine.sessions import Dispatch, Earlier, KeptSandbox, SandboxKeeper
@@ -56,7 +57,7 @@ class Rlm:
     """One RLM in the tree (the root, or a child started by ``rlm_query``)."""
 
     def __init__(self, engine: Host, tree: Tree, *, depth: int, model: str, sub_model: str,
-                 run_id: str, template: str | None = None) -> None:
+                 run_id: str, template: str | None = None, parent: Tally | None = None) -> None:
         self.engine = engine
         self.tree = tree
         self.depth = depth
@@ -64,8 +65,10 @@ class Rlm:
         self.sub_model = sub_model
         self.run_id = run_id
         self.template = template  # a custom system prompt (children use it too)
+        self.usage = Tally(parent)  # this RLM's calls and its children's, added to the parent's too
         self.calls = SubCalls(engine.models, tree, depth=depth, model=model, sub_model=sub_model,
-                              extra_models=engine.settings.allowed_models, run_child=self._run_child)
+                              extra_models=engine.settings.allowed_models, run_child=self._run_child,
+                              tally=self.usage)
         self.messages: list[dict[str, str]] = []
         self.logged = 0  # messages[:logged] are in the trajectory already
         self.first_message = ""
@@ -320,9 +323,8 @@ class Rlm:
         query = prompt if len(prompt) <= CHILD_QUERY_CHARS else (
             prompt[:CHILD_QUERY_CHARS] + "\n[... the full prompt continues in `context`]")
         child = Rlm(self.engine, tree, depth=self.depth + 1, model=model or self.model,
-                     sub_model=self.sub_model, run_id=child_id)
+                     sub_model=self.sub_model, run_id=child_id, parent=self.usage)
         status, answer, limit, error = "cancelled", None, None, None
-        before = tree.budget.input_tokens + tree.budget.output_tokens
         try:
             answer, limit = await child.run(query, ContextFile(path, "text"),
                                             ContextShape("text", len(prompt)))
@@ -338,8 +340,7 @@ class Rlm:
             child.finish(status, answer, limit, error)
             with contextlib.suppress(OSError):
                 path.unlink()
-        used = tree.budget.input_tokens + tree.budget.output_tokens - before
-        return answer or "", {"tokens": used, "child_run_id": child_id}
+        return answer or "", {"tokens": child.usage.tokens, "child_run_id": child_id}
 
     # ----- trajectory --------------------------------------------------------------------------
 
@@ -384,7 +385,9 @@ class Rlm:
             self.trajectory.finish(
                 status=status, answer=answer, limit=limit, error=error, iterations=self.iteration,
                 elapsed_s=round(budget.elapsed_s, 3),
-                usage={k: v.model_dump() for k, v in budget.usage.items()} if self.depth == 1 else None,
+                # the root: the whole tree's, with an earlier part's (resumed); a child: its own and
+                # its children's
+                usage={k: v.model_dump() for k, v in (budget.usage if self.depth == 1 else self.usage.usage).items()},
                 subcalls=budget.subcalls_done if self.depth == 1 else None,
                 # sent after the last logged reply: a continuation rebuilds the conversation exactly
                 pending_messages=self.messages[self.logged:] if self.depth == 1 else None)

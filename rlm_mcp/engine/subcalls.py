@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal
 
+from rlm_mcp.engine.budget import Tally
 from rlm_mcp.engine.models import Completion, Models
 from rlm_mcp.engine.trajectory import excerpt
 from rlm_mcp.engine.tree import Tree
@@ -21,7 +22,7 @@ class SubCalls:
     """Serves one RLM's calls; ``cell_calls`` records those of the cell running now."""
 
     def __init__(self, models: Models, tree: Tree, *, depth: int, model: str, sub_model: str,
-                 extra_models: Iterable[str], run_child: RunChild) -> None:
+                 extra_models: Iterable[str], run_child: RunChild, tally: Tally) -> None:
         self.models = models
         self.tree = tree
         self.depth = depth
@@ -29,6 +30,7 @@ class SubCalls:
         self.sub_model = sub_model
         self.extra_models = tuple(extra_models)  # RLM_MCP_ALLOWED_MODELS
         self.run_child = run_child
+        self.tally = tally  # this RLM's own usage; the budget counts the whole tree's
         self.iteration = 0  # the RLM's, for progress events
         self.cell_calls: list[dict[str, Any]] = []
 
@@ -43,10 +45,12 @@ class SubCalls:
             budget.check(kind)
             completion = await self.models.complete(model, messages)
             budget.record(completion)
+            self.tally.record(completion)
             return completion
         async with budget.subcall() as done:
             completion = await self.models.complete(model, messages)
             done(completion)
+        self.tally.record(completion)
         self.tree.emit("subcalls", self.depth, self.iteration, force=budget.in_flight == 0)
         return completion
 

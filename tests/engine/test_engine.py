@@ -149,6 +149,52 @@ async def test_depth_two_recursion_runs_child_rlms_and_sums_their_usage(settings
     assert (meta["depth"], meta["status"]) == (2, "completed")
 
 
+def own_tokens(path: Path) -> int:
+    """Tokens of the calls one RLM's trajectory records: its root calls (and summary calls), its
+    plain sub-calls, and, through their own files, its child RLMs."""
+    _, records = read_trajectory(path)
+    total = 0
+    for record in records:
+        usage = record.get("usage") or {}
+        total += usage.get("input_tokens", 0) + usage.get("output_tokens", 0)
+        compaction = (record.get("compaction") or {}).get("usage") or {}
+        total += compaction.get("input_tokens", 0) + compaction.get("output_tokens", 0)
+        for block in record["code_blocks"]:
+            for call in block["result"]["rlm_calls"]:
+                child = call["usage_summary"].get("child_run_id")
+                total += own_tokens(path.with_name(f"{child}.jsonl")) if child else (
+                    call["usage_summary"]["input_tokens"] + call["usage_summary"]["output_tokens"])
+    return total
+
+
+def child_calls(path: Path) -> list[dict]:
+    _, records = read_trajectory(path)
+    return [call for record in records for block in record["code_blocks"]
+            for call in block["result"]["rlm_calls"] if "child_run_id" in call["usage_summary"]]
+
+
+async def test_concurrent_child_rlms_report_only_their_own_usage(settings, tmp_path, model_server):
+    model_server.latency_s = 0.02  # each child's calls take long enough for its siblings' to land meanwhile
+    try:
+        result = await run(with_limits(replace(settings, model="openai/recursive"), max_depth=2, max_concurrency=3),
+                           text_request(tmp_path, haystack(1_000_000, "OWN-3")))
+    finally:
+        model_server.latency_s = 0.0
+    assert (result.status, result.answer) == ("completed", "OWN-3")
+    root = Path(result.trajectory_path)
+    calls = child_calls(root)
+    assert len(calls) == -(-1_000_000 // CHUNK_CHARS)
+    # The premise: the children ran at the same time (rlm_query_batched), not one after another.
+    spans = sorted((c["start_s"], c["start_s"] + c["execution_time"]) for c in calls)
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))
+    for call in calls:
+        child = root.with_name(f"{call['usage_summary']['child_run_id']}.jsonl")
+        meta, _ = read_trajectory(child)
+        assert call["usage_summary"]["tokens"] == own_tokens(child) > 0
+        assert sum(u["input_tokens"] + u["output_tokens"] for u in meta["usage"].values()) == own_tokens(child)
+    assert own_tokens(root) == result.input_tokens + result.output_tokens
+
+
 async def test_rlm_query_at_the_depth_limit_falls_back_to_llm_query(settings, tmp_path):
     result = await run(replace(settings, model="openai/recursive"), text_request(tmp_path, haystack(500_000, "FLAT")))
     assert (result.status, result.answer) == ("completed", "FLAT")
