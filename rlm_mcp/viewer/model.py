@@ -419,9 +419,9 @@ class _Builder:
 def _totals(node: dict[str, Any]) -> dict[str, Any]:
     """Sums for ``node`` and (tokens, cost) for its whole subtree; children first.
 
-    A sub-call that started a child RLM counts the child's own recorded tokens: the engine's
-    ``usage_summary.tokens`` is a difference of tree-wide counters, which includes whatever
-    ran concurrently with the child."""
+    A sub-call that started a child RLM counts the child's own recorded tokens (from its file),
+    so the totals hold for trajectories written by older versions too, whose
+    ``usage_summary.tokens`` also counted whatever ran concurrently with the child."""
     children = {child["id"]: _totals(child) for child in node["children"]}
     root_in = root_out = calls = call_tokens = 0
     cost = 0.0
