@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 
 from rlm_mcp.config import Settings
 from rlm_mcp.errors import RlmError
@@ -23,6 +24,11 @@ from rlm_mcp.server.tools import build_server
 from rlm_mcp.services import Services
 
 log = logging.getLogger(__name__)
+
+# Start-up reaping waits for the server to be quiet: this long with no run in flight ...
+REAP_QUIET_S = 0.5
+# ... but no longer than this after start (a busy server reaps during its runs).
+REAP_DEFER_MAX_S = 10.0
 
 
 def serve(settings: Settings, transport: str = "stdio", host: str = "127.0.0.1", port: int = 8765) -> None:
@@ -46,8 +52,6 @@ def serve(settings: Settings, transport: str = "stdio", host: str = "127.0.0.1",
     app = None if auth is None else OnShutdown(http_app(server, transport, host, auth, services, port), close)
 
     async def main() -> None:
-        # What servers that died left behind (containers, temporary directories), off the loop.
-        reaper = asyncio.create_task(reap_leftovers(settings))
         # Runs a killed server left "running" become failed in their files too (in a thread:
         # one line read per trajectory; the tools settle any run they touch in the meantime).
         settling = asyncio.create_task(_settle_stopped_runs(services))
@@ -56,6 +60,10 @@ def serve(settings: Settings, transport: str = "stdio", host: str = "127.0.0.1",
         # wall (no bubblewrap, no control groups) is logged when the server starts.
         if settings.docker_pool_size > 0 or settings.sandbox == "local":
             warm_up = asyncio.create_task(_warm_up(services))
+        # What servers that died left behind (containers, temporary directories), off the loop,
+        # once the server is quiet: its ~50 ms of CPU (mostly importing the Docker client) would
+        # otherwise compete, on a small machine, with a first call sent right after initialize.
+        reaper = asyncio.create_task(_reap_when_quiet(settings, services, warm_up))
         try:
             if app is None:
                 code = await serve_stdio(server, services)
@@ -93,6 +101,26 @@ async def _settle_stopped_runs(services: Services) -> None:
         await asyncio.to_thread(services.runs.settle_all)
     except OSError as exc:  # an unreadable data dir shows up again, clearly, when a tool uses it
         log.warning("could not check the trajectories of earlier runs: %s", exc)
+
+
+async def _reap_when_quiet(settings: Settings, services: Services, warm_up: asyncio.Task[None] | None) -> None:
+    """:func:`reap_leftovers` once the sandbox warm-up is done and no run has been in flight for
+    REAP_QUIET_S (at the latest REAP_DEFER_MAX_S after start): leftovers wait a moment, a first
+    call does not wait for their removal."""
+    deadline = time.monotonic() + REAP_DEFER_MAX_S
+    if warm_up is not None:
+        await asyncio.wait([warm_up], timeout=REAP_DEFER_MAX_S)
+    while (left := deadline - time.monotonic()) > 0:
+        quiet_since = time.monotonic()
+        running = [run.task for run in services.runs.runs.values() if run.task is not None and not run.task.done()]
+        if running:
+            await asyncio.wait(running, timeout=left)
+            continue
+        await asyncio.sleep(min(REAP_QUIET_S, left))
+        # Quiet only if no run started meanwhile (even one that has finished already).
+        if all(run.started_at < quiet_since for run in services.runs.runs.values()):
+            break
+    await reap_leftovers(settings)
 
 
 async def _warm_up(services: Services) -> None:
