@@ -173,7 +173,7 @@ class RlmEngine:
             budget.resume({name: ModelUsage.model_validate(value) for name, value in (meta.get("usage") or {}).items()},
                           int(meta.get("subcalls") or 0), float(meta.get("elapsed_s") or 0.0))
         with tempfile.TemporaryDirectory(prefix=owned_temp_prefix("rlm-run")) as workdir:
-            tree = Tree(run_id, budget, limits, plan.sandbox, Path(workdir), on_event)
+            tree = Tree(run_id, budget, plan.sandbox, Path(workdir), on_event)
             if start.earlier is not None:
                 tree.root_iterations = start.earlier.iterations if start.resume else 0
                 if start.kept is None:

@@ -28,7 +28,6 @@ class Tree:
 
     run_id: str
     budget: Budget
-    limits: Limits
     sandbox: str | None
     workdir: Path
     on_event: Callable[[RunEvent], None] | None
@@ -41,6 +40,11 @@ class Tree:
     child_ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     last_event: float = 0.0
     notes: list[str] = field(default_factory=list)  # from every sandbox of the tree, each once
+
+    @property
+    def limits(self) -> Limits:
+        """The run's limits: the budget's, which holds the tree to them."""
+        return self.budget.limits
 
     @property
     def partial(self) -> str | None:
