@@ -89,6 +89,8 @@ class SubCalls:
 
     async def _child(self, prompt: str, model: str | None) -> tuple[str, dict[str, Any]]:
         # One limit per depth level (a shared one could deadlock parents waiting on children).
-        slots = self.tree.child_slots.setdefault(self.depth + 1, asyncio.Semaphore(self.tree.limits.max_concurrency))
+        slots = self.tree.child_slots.get(self.depth + 1)
+        if slots is None:  # made once per level, not a throw-away semaphore per call
+            slots = self.tree.child_slots[self.depth + 1] = asyncio.Semaphore(self.tree.limits.max_concurrency)
         async with slots:
             return await self.run_child(prompt, model)
