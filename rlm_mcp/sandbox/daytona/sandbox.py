@@ -43,11 +43,6 @@ class DaytonaSandbox(WorkerSandbox):
         self._released = False
 
     @property
-    def closing(self) -> bool:
-        """True once close() began (the sandbox itself will be deleted)."""
-        return self._closed
-
-    @property
     def sandbox_id(self) -> str | None:
         return None if self.remote is None else str(self.remote.id)
 
@@ -123,8 +118,7 @@ class DaytonaSandbox(WorkerSandbox):
         started = await self.account.api(process.execute_session_command(
             session_id, SessionExecuteRequest(command=command, run_async=True, suppress_input_echo=True)),
             doing="starting the worker")
-        return SessionTransport(self.account, self.remote, session_id, started.cmd_id, self.remote_dir,
-                                closing=lambda: self.closing)
+        return SessionTransport(self.account, self.remote, session_id, started.cmd_id, self.remote_dir)
 
     # ----- release ----------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ import collections
 import contextlib
 import logging
 import shlex
-from typing import Any, Callable
+from typing import Any
 
 from daytona.common.errors import DaytonaGoneError, DaytonaRateLimitError
 
@@ -25,13 +25,12 @@ LOG_STREAM_RECONNECTS = 3
 
 class SessionTransport(WorkerTransport):
     """Byte pipes to ``worker.py`` running as one Daytona session command of ``sandbox`` (a
-    ``daytona.AsyncSandbox``); ``closing`` says whether that whole sandbox is being deleted."""
+    ``daytona.AsyncSandbox``)."""
 
-    def __init__(self, account: DaytonaAccount, sandbox: Any, session_id: str, command_id: str, remote_dir: str,
-                 *, closing: Callable[[], bool]) -> None:
+    def __init__(self, account: DaytonaAccount, sandbox: Any, session_id: str, command_id: str,
+                 remote_dir: str) -> None:
         self.account = account
         self.sandbox = sandbox
-        self._closing = closing
         self.session_id = session_id
         self.command_id = command_id
         self.remote_dir = remote_dir
@@ -218,20 +217,13 @@ class SessionTransport(WorkerTransport):
             await self._stream
 
     async def close(self) -> None:
-        """Ask the worker to exit, give it a moment, then make sure it and its session are gone."""
-        if self._closing():  # the whole sandbox is about to be deleted: skip the round trips
-            self._end_stream()
-            for task in (self._writer, self._stream):
-                if task is not None:
-                    task.cancel()
-            await asyncio.gather(*(t for t in (self._writer, self._stream) if t), return_exceptions=True)
-            return
-        if not self._ended:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.send(b'{"type": "shutdown"}\n'), 10)
-            with contextlib.suppress(asyncio.TimeoutError, Exception):
-                await asyncio.wait_for(asyncio.shield(self._stream), 2.0)
-        await self.kill()
+        """Stop following the worker's output. The channel closes a transport only when the whole
+        sandbox is being closed, and deleting the sandbox ends the worker: no round trips here."""
+        self._end_stream()
+        for task in (self._writer, self._stream):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in (self._writer, self._stream) if t), return_exceptions=True)
 
     def describe_exit(self) -> str:
         if self.failure:
