@@ -26,15 +26,13 @@ import pytest_asyncio
 from rlm_mcp.config import Settings
 from rlm_mcp.errors import SandboxError
 from rlm_mcp.sandbox.docker import LABEL, LABEL_VALUE, OWNER_LABEL, DockerProvider, connect, local_socket_path, owner_token
+from tests.support import unavailable
 
 IMAGE = os.environ.get("RLM_MCP_DOCKER_IMAGE") or Settings().docker_image
 
 
 def _unavailable(reason: str) -> None:
-    if os.environ.get("CI", "").strip().lower() in ("true", "1"):
-        pytest.fail(f"{reason} (CI=true: the Docker tests must run; run tests/tools/ci-setup-docker.sh first)",
-                    pytrace=False)
-    pytest.skip(reason)
+    unavailable(f"{reason} (tests/tools/ci-setup-docker.sh sets up the engine and the image)")
 
 
 def docker_settings(home: Path, **overrides: Any) -> Settings:

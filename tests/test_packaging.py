@@ -28,6 +28,7 @@ from mcp.client.stdio import stdio_client
 from rlm_mcp import __version__
 from tests.conftest import haystack
 from tests.server.test_transports import REPO, TOOLS
+from tests.support import unavailable
 
 pytestmark = pytest.mark.packaging
 
@@ -41,15 +42,6 @@ NETWORK_VARIABLES = {"SSL_CERT_FILE", "SSL_CERT_DIR", "HTTPS_PROXY", "HTTP_PROXY
                      "https_proxy", "http_proxy", "no_proxy", "all_proxy"}
 USER_CONFIG_KEYS = {"model", "sub_model", "api_key", "api_base", "allowed_directory", "sandbox"}
 
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-
-def unavailable(reason: str) -> None:
-    if in_ci():
-        pytest.fail(f"needed in CI: {reason}", pytrace=False)
-    pytest.skip(reason)
 
 
 def run_script(*command: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

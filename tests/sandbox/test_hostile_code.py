@@ -14,7 +14,6 @@ exist, with the reason (the test then skips and says so).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import textwrap
@@ -33,6 +32,7 @@ from rlm_mcp.sandbox import ContextFile
 from rlm_mcp.testing.model_server import ScriptedModelServer
 from tests.daytona_support import emulator_settings
 from tests.docker_support import IMAGE
+from tests.support import require_bwrap
 
 MEMORY_MB = 1024  # every backend runs the attacks under this memory limit
 PIDS = 256
@@ -293,13 +293,6 @@ ATTACKS = [
 
 
 # ----- running one attack ------------------------------------------------------------------------------
-
-
-def require_bwrap() -> None:
-    if shutil.which("bwrap") is None:
-        if os.environ.get("CI", "").strip().lower() in ("true", "1"):
-            pytest.fail("bubblewrap is not installed in CI (.ci/run installs it)", pytrace=False)
-        pytest.skip("bubblewrap (bwrap) is not installed: apt-get install bubblewrap")
 
 
 @pytest.fixture

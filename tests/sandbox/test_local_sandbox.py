@@ -29,9 +29,9 @@ from rlm_mcp.sandbox.leftovers import owner_dir_name
 from rlm_mcp.sandbox.local import LocalProvider
 from rlm_mcp.sandbox.processes import GroupLimits, GroupMaker
 from tests.sandbox.test_hostile_code import ATTACKS, Outcome, processes_with
+from tests.support import require_bwrap, unavailable
 
 UNPRIVILEGED_UID = 4242  # the non-root server of these tests (no passwd entry needed)
-CI = os.environ.get("CI", "").strip().lower() in ("true", "1")
 ISOLATIONS = ["bwrap", "none"]
 
 
@@ -39,18 +39,14 @@ async def no_subcalls(op: str, prompt: str, model: str | None) -> str:
     raise AssertionError("no sub-calls expected")
 
 
-def require_bwrap(isolation: str = "bwrap") -> None:
-    if isolation == "bwrap" and shutil.which("bwrap") is None:
-        if CI:
-            pytest.fail("bubblewrap is not installed in CI (.ci/run installs it)", pytrace=False)
-        pytest.skip("bubblewrap (bwrap) is not installed: apt-get install bubblewrap")
+def require_isolation(isolation: str) -> None:
+    if isolation == "bwrap":
+        require_bwrap()
 
 
 def require_root(why: str) -> None:
     if os.geteuid() != 0:
-        if CI:
-            pytest.fail(f"CI runs the suite as root: {why}", pytrace=False)
-        pytest.skip(f"needs root: {why}")
+        unavailable(f"needs root (CI runs the suite as root): {why}")
 
 
 @pytest.fixture
@@ -128,7 +124,7 @@ async def test_without_isolation_the_worker_reaches_the_network_and_world_readab
 
 @pytest.mark.parametrize("isolation", ISOLATIONS)
 async def test_a_context_only_the_server_may_read_is_loaded_through_a_descriptor(isolation, tmp_path):
-    require_bwrap(isolation)
+    require_isolation(isolation)
     context = private_context(tmp_path / "store")
     provider = LocalProvider(Settings(local_isolation=isolation, sandbox_memory_mb=1024))
     async with provider.create(SandboxSpec(context, no_subcalls)) as sandbox:
@@ -141,7 +137,7 @@ async def test_a_context_only_the_server_may_read_is_loaded_through_a_descriptor
 @pytest.mark.parametrize("isolation", ISOLATIONS)
 async def test_a_root_server_runs_its_sandboxes_as_the_configured_uid(isolation, tmp_path):
     require_root("only root can change the sandbox's uid")
-    require_bwrap(isolation)
+    require_isolation(isolation)
     provider = LocalProvider(Settings.from_env({"RLM_MCP_LOCAL_ISOLATION": isolation, "RLM_MCP_LOCAL_UID": "4243",
                                                 "RLM_MCP_SANDBOX_MEMORY_MB": "1024"}))
     async with provider.create(SandboxSpec(private_context(tmp_path / "store"), no_subcalls)) as sandbox:
@@ -203,7 +199,7 @@ def test_rlm_mcp_warns_at_start_when_local_sandboxes_run_without_isolation(tmp_p
 
 @pytest.mark.parametrize("isolation", ISOLATIONS)
 async def test_stderr_the_host_keeps_is_bounded_per_line_and_in_lines(isolation, tmp_path):
-    require_bwrap(isolation)
+    require_isolation(isolation)
     provider = LocalProvider(Settings(local_isolation=isolation, sandbox_memory_mb=1024))
     async with provider.create(SandboxSpec(private_context(tmp_path / "store"), no_subcalls)) as sandbox:
         one_line = await sandbox.execute("import os\nos.write(2, b'E' * 30_000_000)\nos._exit(3)", timeout=60)
@@ -232,9 +228,7 @@ async def test_control_groups_left_by_a_dead_server_are_removed_at_start(tmp_pat
     gone.wait()  # its pid names a server that is gone
     maker, reason = GroupMaker.discover(prefix=f"rlm-mcp-{owner_dir_name(gone.pid)}-")
     if maker is None:
-        if CI:
-            pytest.fail(f"CI's host lets root create control groups, but: {reason}", pytrace=False)
-        pytest.skip(f"no control groups on this host: {reason}")
+        unavailable(f"no control groups on this host (CI's host lets root create them): {reason}")
     stale = maker.create(GroupLimits(memory_bytes=256 << 20, pids=16, cpus=1.0))
     sleeper = subprocess.Popen(["sleep", "600"], preexec_fn=stale.join)
     try:
@@ -293,15 +287,13 @@ def unprivileged_python(uid: int) -> str:
         if done.returncode == 0:
             return candidate
     message = f"no Python 3.11+ that uid {uid} may run (tried {sys.executable}, /usr/bin/python3)"
-    if CI:
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
+    unavailable(message)
 
 
 @pytest.mark.parametrize("isolation", ISOLATIONS)
 def test_a_non_root_server_runs_sandboxes_without_capabilities_that_cannot_escape(isolation, host_dir):
     require_root(f"the test starts the non-root server as uid {UNPRIVILEGED_UID}")
-    require_bwrap(isolation)
+    require_isolation(isolation)
     python = unprivileged_python(UNPRIVILEGED_UID)
     # The package, copied where that user can read it (the checkout may be under /root).
     code_dir = host_dir / "code"

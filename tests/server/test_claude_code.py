@@ -32,6 +32,7 @@ from rlm_mcp.testing.model_server import ScriptedModelServer, secret_needle
 from rlm_mcp.viewer import VIEW_TOOL
 from tests.conftest import haystack
 from tests.server.test_transports import REPO, RLM_MCP, TOOLS, server_env
+from tests.support import unavailable
 
 pytestmark = pytest.mark.claude_code
 
@@ -46,15 +47,6 @@ QUIET = {"DISABLE_TELEMETRY": "1", "DISABLE_ERROR_REPORTING": "1",
 # The viewer's data tool is app-only (_meta ui.visibility ["app"]): Claude Code does not offer it.
 MCP_TOOLS = {f"mcp__rlm__{name}" for name in TOOLS if name != VIEW_TOOL}
 
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-
-def unavailable(reason: str) -> None:
-    if in_ci():
-        pytest.fail(f"Claude Code is needed in CI: {reason}", pytrace=False)
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")

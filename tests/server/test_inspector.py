@@ -21,6 +21,7 @@ import pytest
 
 from tests.conftest import haystack
 from tests.server.test_transports import REPO, RLM_MCP, TOKEN, TOOLS, free_port, server_env
+from tests.support import unavailable
 
 pytestmark = pytest.mark.inspector
 
@@ -28,15 +29,6 @@ INSTALLER = REPO / "tests" / "tools" / "install-inspector.sh"
 INSTALL_TIMEOUT_S = 900
 CALL_TIMEOUT_S = 120
 
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-
-def unavailable(reason: str) -> None:
-    if in_ci():
-        pytest.fail(f"the MCP Inspector is needed in CI: {reason}")
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ from rlm_mcp.sandbox import ContextFile
 from rlm_mcp.server import Services, build_server
 from rlm_mcp.testing.model_server import CHUNK_CHARS, Gate
 from tests.conftest import haystack
+from tests.support import unavailable
 
 
 @pytest.fixture
@@ -370,13 +371,6 @@ async def test_a_private_stored_context_is_readable_in_the_other_sandbox_backend
 
 
 # ----- errors that say what went wrong and what to do ---------------------------------------------
-
-
-def unavailable(reason: str) -> None:
-    """Skip on a developer machine; fail under CI=true, where every wall must be proven."""
-    if os.environ.get("CI", "").strip().lower() in ("true", "1"):
-        pytest.fail(f"{reason} (CI=true: this test must run)", pytrace=False)
-    pytest.skip(reason)
 
 
 @pytest.fixture

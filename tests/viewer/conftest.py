@@ -27,6 +27,7 @@ from rlm_mcp.engine.trajectory import TrajectoryWriter
 from rlm_mcp.sandbox import ContextFile
 from rlm_mcp.testing.model_server import Fault, ScriptedModelServer
 from tests.conftest import haystack
+from tests.support import unavailable
 
 CHROMIUM = os.environ.get("RLM_MCP_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -36,10 +37,7 @@ HOSTILE = '</script><script>window.__pwned = 1</script><img src=x onerror="windo
 
 
 def _unavailable(reason: str) -> None:
-    if os.environ.get("CI", "").strip().lower() in ("true", "1"):
-        pytest.fail(f"{reason} (CI=true: the browser tests must run; run tests/tools/install-browser.sh first)",
-                    pytrace=False)
-    pytest.skip(reason)
+    unavailable(f"{reason} (tests/tools/install-browser.sh installs the browser)")
 
 
 # ----- runs made by the real engine ---------------------------------------------------------------
