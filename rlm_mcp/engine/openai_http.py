@@ -20,9 +20,9 @@ from typing import Any
 import aiohttp
 
 from rlm_mcp.config import Settings
-from rlm_mcp.engine.limiter import retry_after_s
 from rlm_mcp.engine.failures import (Failure, auth_failure, context_failure, not_found, rate_limited,
-                                   timeout_failure, unavailable)
+                                     timeout_failure, unavailable)
+from rlm_mcp.engine.limiter import retry_after_s
 from rlm_mcp.errors import ModelError
 
 CONTEXT_MARKERS = ("context_length_exceeded", "context length", "context window", "maximum context",
