@@ -9,6 +9,7 @@ process umask (a umask can only remove permission bits, and ``chmod`` is exact).
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 from typing import IO, Any
 
@@ -56,7 +57,8 @@ def open_private(path: Path, mode: str = "w", encoding: str | None = "utf-8") ->
 
 def write_private_text(path: Path, text: str) -> None:
     """Replace ``path`` atomically with ``text``, mode 0600, never readable by others meanwhile."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Unique per call: two threads replacing the same file must not share a temporary.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open_private(temporary) as handle:
             handle.write(text)

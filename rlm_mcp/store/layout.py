@@ -17,7 +17,7 @@ from typing import Any
 import pydantic
 
 from rlm_mcp.errors import ContextError, quoted
-from rlm_mcp.private import open_private
+from rlm_mcp.private import write_private_text
 from rlm_mcp.sandbox.processes import pid_alive
 from rlm_mcp.store.io import TMP_PREFIX, ContentWriter, load_in_progress
 from rlm_mcp.store.models import HANDLE_RE, ContextInfo
@@ -168,16 +168,7 @@ class StoreLayout:
 
     @staticmethod
     def _write_meta(directory: Path, meta: dict[str, Any]) -> None:
-        temp = directory / f"meta.json.{uuid.uuid4().hex}.tmp"
-        try:
-            with open_private(temp) as fh:
-                json.dump(meta, fh, ensure_ascii=False)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(temp, directory / "meta.json")
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
+        write_private_text(directory / "meta.json", json.dumps(meta, ensure_ascii=False))
 
     # ----- clean-up -----------------------------------------------------------------------------
 
