@@ -29,6 +29,7 @@ from docker.types import LogConfig, Mount, Ulimit
 
 from rlm_mcp.config import Settings
 from rlm_mcp.errors import SandboxError
+from rlm_mcp.private import private_dir
 from rlm_mcp.sandbox.channel import WORKER_SCRIPT
 from rlm_mcp.sandbox.docker.engine import connect, docker_errors, engine_is_remote
 from rlm_mcp.sandbox.docker.reaping import (
@@ -194,8 +195,8 @@ class Containers:
         image = self.settings.docker_image
         mount_dir: Path | None = None
         if volume is None:
-            self.mounts_dir.mkdir(parents=True, exist_ok=True)
-            os.chmod(self.mounts_root, 0o700)
+            private_dir(self.mounts_root)  # 0700 from creation on: contexts are copied below it
+            self.mounts_dir.mkdir(exist_ok=True)
             mount_dir = Path(tempfile.mkdtemp(prefix="c-", dir=self.mounts_dir))
             os.chmod(mount_dir, 0o755)  # the container user must read it; the parent stays private
             mounts = [Mount(WORKER_PATH, str(WORKER_SCRIPT), type="bind", read_only=True),
