@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from rlm_mcp.engine.replies import prose
 from rlm_mcp.errors import RunNotFound, quoted
 from rlm_mcp.private import open_private, private_dir
+from rlm_mcp.sandbox.leftovers import process_start
 from rlm_mcp.sandbox.processes import pid_alive
 
 if TYPE_CHECKING:
@@ -57,12 +58,8 @@ def process_identity(pid: int | None = None) -> str:
     ticks since boot from /proc, tells a dead server from an unrelated process that got its pid
     later. Just ``"<pid>"`` where /proc is missing."""
     pid = os.getpid() if pid is None else pid
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            fields = handle.read().rsplit(b")", 1)[1].split()
-        return f"{pid}:{int(fields[19])}"  # field 22 of stat(5); the cut drops the first two
-    except (OSError, IndexError, ValueError):
-        return str(pid)
+    start = process_start(pid)
+    return f"{pid}:{start}" if start else str(pid)
 
 
 def process_gone(identity: str) -> bool:
